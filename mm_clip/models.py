@@ -1,0 +1,117 @@
+"""Model names, configs and checkpoints: open_clip model creation for the CLIP task."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import open_clip
+import torch
+from torch import nn
+
+from .errors import InputError
+
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+RANDOM_INIT = ("none", "random")
+
+
+def canonical_model_name(name: str) -> str:
+    """OpenAI spelling (``ViT-B/32``) or open_clip spelling (``ViT-B-32``) → the open_clip name."""
+    available = open_clip.list_models()
+    candidate = name.strip().replace("/", "-")
+    if candidate in available:
+        return candidate
+    by_lower = {m.lower(): m for m in available}
+    if candidate.lower() in by_lower:
+        return by_lower[candidate.lower()]
+    raise InputError(f"unknown model {name!r}: use an open_clip model name such as ViT-B-32 "
+                     f"(or the OpenAI spelling ViT-B/32); open_clip.list_models() lists all "
+                     f"{len(available)}, or pass --model-config path/to/config.json")
+
+
+def register_model_config(path: str) -> str:
+    """Register a json model config with open_clip; returns its model name (the file stem)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"--model-config {path}: no such file; pass an open_clip model config json")
+    try:
+        cfg = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"--model-config {path}: not valid json ({e.msg} at line {e.lineno})") from None
+    if not isinstance(cfg, dict) or not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
+        raise InputError(f"--model-config {path}: needs the keys embed_dim, vision_cfg and text_cfg")
+    open_clip.add_model_config(p)
+    return p.stem
+
+
+def _local_weights(weights_dir: Optional[str], model_name: str, tag: Optional[str]) -> Optional[str]:
+    """A checkpoint in ``weights_dir`` named ``{model}-{tag}.*``/``{model}_{tag}.*`` (or
+    ``{model}.*`` when no tag), if present."""
+    if not weights_dir or not os.path.isdir(weights_dir):
+        return None
+    stems = [f"{model_name}-{tag}", f"{model_name}_{tag}"] if tag else [model_name]
+    for stem in stems:
+        for suffix in WEIGHT_SUFFIXES:
+            path = os.path.join(weights_dir, stem + suffix)
+            if os.path.isfile(path):
+                return path
+    return None
+
+
+def resolve_pretrained(model_name: str, pretrained: Optional[str],
+                       weights_dir: Optional[str]) -> tuple[Optional[str], bool]:
+    """Decide where the weights come from.
+
+    Returns ``(source, is_openai)``: ``source`` is None (random init: ``none``/``random``), a local
+    checkpoint path, or an open_clip pretrained tag (downloaded by open_clip); ``is_openai`` tells that
+    the weights are OpenAI's (QuickGELU activations). ``pretrained=None`` tries ``weights_dir`` for
+    ``{model}-openai.*`` then ``{model}.*`` (the name of OpenAI's download; both taken as OpenAI
+    weights), then the ``openai`` tag.
+    """
+    if pretrained is not None and pretrained.lower() in RANDOM_INIT:
+        return None, False
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if pretrained is None:
+        local = (_local_weights(weights_dir, model_name, "openai")
+                 or _local_weights(weights_dir, model_name, None))
+        if local:
+            return local, True  # {model}-openai.* or OpenAI's own file name {model}.pt
+        if "openai" in tags:
+            return "openai", True
+        raise InputError(f"no weights for {model_name}: put a checkpoint in {weights_dir} or pass "
+                         f"--pretrained TAG|PATH (tags: {', '.join(tags) or 'none'}; 'none' = random init)")
+    if os.path.isfile(pretrained):
+        return pretrained, False
+    if os.sep in pretrained or pretrained.endswith(WEIGHT_SUFFIXES):
+        raise InputError(f"--pretrained {pretrained}: no such checkpoint file")
+    if pretrained not in tags:
+        raise InputError(f"--pretrained {pretrained!r} is not a checkpoint file nor an open_clip tag of "
+                         f"{model_name} (tags: {', '.join(tags) or 'none'}; 'none' = random init)")
+    local = _local_weights(weights_dir, model_name, pretrained)
+    return (local or pretrained), pretrained == "openai"
+
+
+def load_clip(model_name: str, source: Optional[str], device: torch.device, quick_gelu: bool = False
+              ) -> tuple[nn.Module, Callable[[Any], torch.Tensor], Callable[[list[str]], torch.Tensor]]:
+    """Create the open_clip model in fp32, eval mode, on ``device``.
+
+    Returns ``(model, preprocess, tokenizer)``: ``preprocess`` maps a PIL image to ``(3, H, W)``,
+    ``tokenizer`` a list of strings to ``(N, context_length)`` int64 tokens. A local OpenAI
+    checkpoint needs ``quick_gelu=True`` (open_clip sets it itself for the ``openai`` tag).
+    """
+    is_file = source is not None and os.path.isfile(source)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=source, precision="fp32", device=device,
+            force_quick_gelu=quick_gelu and is_file)
+    except RuntimeError as e:
+        if source is None or is_file:
+            raise
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InputError(f"could not get the {source!r} weights of {model_name} ({first[:160]}); without "
+                         f"network access put the checkpoint at pretrained_weights/{model_name}-{source}.bin "
+                         "or pass --pretrained /path/to/checkpoint") from None
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(model_name)
+    return model, preprocess, tokenizer

@@ -1,0 +1,34 @@
+"""qwt_core: RepQ-ViT post-training quantization and QwT closed-form compensation.
+
+Typical use on any model::
+
+    qm = quantize_timm_vit(model, w_bits=4, a_bits=4)       # or your own QuantizedModel
+    calibrate_repq(qm, calib_images[:32])                    # RepQ-ViT
+    report = compensate(qm, calib_batches)                   # QwT, 512 images in the paper
+
+For models without an adapter, call :func:`apply_qwt` with the block names and a function that
+produces the first block's input.
+"""
+from .adapters.base import QuantizedModel
+from .adapters.timm_resnet import quantize_resnet
+from .adapters.timm_swin import quantize_timm_swin
+from .adapters.timm_vit import quantize_timm_vit
+from .compensation import CompensatedBlock, GroupedConvLeastSquares, TokenLeastSquares
+from .model_io import load_quantized, save_quantized
+from .modules import QuantConv2d, QuantLinear, QuantMatMul, quant_disabled, set_quant_state
+from .pipeline import calibrate_repq, compensate
+from .quantize import LayerBits, quantize_layers
+from .quantizers import (LogSqrt2Quantizer, PercentileQuantizer, UniformQuantizer, exact_quantile,
+                         validate_bits)
+from .qwt import QwTReport, apply_qwt
+from .reparam import reparameterize_layernorm
+from .repq import repq_calibrate
+
+__all__ = [
+    "QuantizedModel", "quantize_resnet", "quantize_timm_swin", "quantize_timm_vit",
+    "CompensatedBlock", "GroupedConvLeastSquares", "TokenLeastSquares", "load_quantized",
+    "save_quantized", "QuantConv2d", "QuantLinear", "QuantMatMul", "quant_disabled",
+    "set_quant_state", "calibrate_repq", "compensate", "LayerBits", "quantize_layers",
+    "LogSqrt2Quantizer", "PercentileQuantizer", "UniformQuantizer", "exact_quantile",
+    "validate_bits", "QwTReport", "apply_qwt", "reparameterize_layernorm", "repq_calibrate",
+]

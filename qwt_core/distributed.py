@@ -1,0 +1,51 @@
+"""Small helpers around ``torch.distributed`` (torchrun / torch.distributed.launch)."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def is_dist() -> bool:
+    """True inside an initialised process group with more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def init_distributed_from_env(device: str = "cuda", local_rank: int | None = None) -> tuple[int, int, int]:
+    """Initialise the process group when launched by torchrun / ``torch.distributed.launch``.
+
+    Reads ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (or the ``--local_rank`` argument of the legacy
+    launcher). Uses NCCL on CUDA, gloo otherwise. Returns ``(rank, world_size, local_rank)``;
+    ``(0, 1, 0)`` when not launched distributed.
+    """
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) <= 1:
+        return 0, 1, 0
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", local_rank if local_rank is not None else 0))
+    use_cuda = device.startswith("cuda") and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
+    return rank, world, local
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """In-place sum across ranks (no-op when not distributed); returns ``t``."""
+    if is_dist():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t

@@ -1,0 +1,385 @@
+"""CLIP task (mm_clip) on a tiny random-init open_clip model with tiny data written here: webdataset
+shards of image-caption pairs and an ImageNet-style folder. CPU only, no network."""
+import io
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import tarfile
+
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from mm_clip.errors import InputError
+from mm_clip.imagenet_zeroshot_data import (IMAGENET_CLASSNAMES, IMAGENET_WNIDS,
+                                            OPENAI_IMAGENET_TEMPLATES)
+from mm_clip.main import main
+from mm_clip.models import canonical_model_name, load_clip, register_model_config, resolve_pretrained
+from mm_clip.wds_calib import draw_samples, expand_shards, index_shards, sample_calibration_pairs
+from qwt_core import QuantConv2d, set_quant_state
+from qwt_core.adapters.open_clip import (OpenCLIPSelfAttention, quantize_open_clip_text,
+                                         quantize_open_clip_visual, swap_attention)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+WNIDS = ["n01440764", "n01443537", "n02085620"]  # tench, goldfish, Chihuahua
+WORDS = "a photo of dog cat fish red blue green small large on the grass water tree sky".split()
+NUM_SHARDS, PER_SHARD = 12, 8
+
+
+def _jpeg(rng: random.Random, size: int = 40) -> bytes:
+    img = Image.new("RGB", (size, size), tuple(rng.randrange(256) for _ in range(3)))
+    for _ in range(6):  # a few random rectangles so images differ in structure, not just colour
+        x0, y0 = rng.randrange(size - 8), rng.randrange(size - 8)
+        img.paste(tuple(rng.randrange(256) for _ in range(3)),
+                  (x0, y0, x0 + rng.randrange(4, 8), y0 + rng.randrange(4, 8)))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tf.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="session")
+def clip_data(tmp_path_factory):
+    """Shards ``cc3m-train-{0000..0011}.tar`` (8 pairs each, plus one caption-less member), a val folder
+    with 3 WordNet-id classes x 4 images, and the tiny model config."""
+    root = tmp_path_factory.mktemp("clip_data")
+    rng = random.Random(0)
+    shard_dir = root / "shards"
+    shard_dir.mkdir()
+    for s in range(NUM_SHARDS):
+        with tarfile.open(shard_dir / f"cc3m-train-{s:04d}.tar", "w") as tf:
+            for j in range(PER_SHARD):
+                key = f"{s:04d}{j:05d}"
+                _add(tf, f"{key}.jpg", _jpeg(rng))
+                _add(tf, f"{key}.txt", " ".join(rng.choice(WORDS) for _ in range(6)).encode())
+                _add(tf, f"{key}.json", b"{}")
+            _add(tf, f"{s:04d}99999.jpg", _jpeg(rng))  # no caption: not a sample
+    val = root / "val"
+    for w in WNIDS:
+        (val / w).mkdir(parents=True)
+        for j in range(4):
+            (val / w / f"img{j}.JPEG").write_bytes(_jpeg(rng))
+    config = root / "tiny_clip.json"
+    config.write_text(json.dumps(TINY_CONFIG))
+    return {"root": root, "val": str(val), "config": str(config),
+            "shards": str(shard_dir / ("cc3m-train-{0000..%04d}.tar" % (NUM_SHARDS - 1)))}
+
+
+def _base_args(d, choice, out):
+    return ["--choice", choice, "--model-config", d["config"], "--pretrained", "none",
+            "--imagenet-val", d["val"], "--restrict-classes", "--train-data", d["shards"],
+            "--dataset-type", "webdataset", "--workers", "0", "--index-cache", "none",
+            "--output", str(out), "--no-progress"]
+
+
+def _exit_message(argv) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    msg = str(exc.value.code)
+    assert msg.startswith("error: ") and "\n" not in msg
+    return msg
+
+
+# --- shipped metadata -------------------------------------------------------------------------------
+
+def test_zeroshot_metadata_shapes_and_anchors():
+    assert len(IMAGENET_WNIDS) == len(set(IMAGENET_WNIDS)) == 1000
+    assert list(IMAGENET_WNIDS) == sorted(IMAGENET_WNIDS)  # ImageFolder order = standard index order
+    assert all(re.fullmatch(r"n\d{8}", w) for w in IMAGENET_WNIDS)
+    assert len(IMAGENET_CLASSNAMES) == 1000 and len(OPENAI_IMAGENET_TEMPLATES) == 80
+    assert all(t.count("{}") == 1 for t in OPENAI_IMAGENET_TEMPLATES)
+    index = dict(zip(IMAGENET_WNIDS, IMAGENET_CLASSNAMES))
+    assert index["n01440764"] == "tench" and index["n01443537"] == "goldfish"
+    assert index["n02085620"] == "Chihuahua" and index["n15075141"] == "toilet paper"
+    assert OPENAI_IMAGENET_TEMPLATES[0] == "a bad photo of a {}."
+
+
+def test_model_name_spellings():
+    assert canonical_model_name("ViT-B/32") == "ViT-B-32"
+    assert canonical_model_name("ViT-B-32") == "ViT-B-32"
+    assert canonical_model_name("vit-l/14") == "ViT-L-14"
+    with pytest.raises(InputError, match="unknown model"):
+        canonical_model_name("ViT-Q/99")
+
+
+def test_pretrained_resolution_and_local_checkpoint(clip_data, tmp_path):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    assert resolve_pretrained("ViT-B-32", None, str(weights)) == ("openai", True)
+    assert resolve_pretrained("ViT-B-32", "none", str(weights)) == (None, False)
+    (weights / "ViT-B-32-openai.bin").write_bytes(b"")
+    assert resolve_pretrained("ViT-B-32", None, str(weights)) == (str(weights / "ViT-B-32-openai.bin"), True)
+    assert resolve_pretrained("ViT-B-32", "openai", str(weights))[0] == str(weights / "ViT-B-32-openai.bin")
+    with pytest.raises(InputError, match="no such checkpoint"):
+        resolve_pretrained("ViT-B-32", str(tmp_path / "missing.pt"), str(weights))
+    with pytest.raises(InputError, match="not a checkpoint file nor an open_clip tag"):
+        resolve_pretrained("ViT-B-32", "no-such-tag", str(weights))
+    # A local checkpoint of the tiny model loads its weights (QuickGELU forced as for OpenAI weights).
+    name = register_model_config(clip_data["config"])
+    model, _, _ = load_clip(name, None, torch.device("cpu"))
+    ckpt = tmp_path / "tiny.pt"
+    torch.save(model.state_dict(), ckpt)
+    source, is_openai = resolve_pretrained(name, str(ckpt), str(weights))
+    assert (source, is_openai) == (str(ckpt), False)
+    loaded, _, _ = load_clip(name, source, torch.device("cpu"), quick_gelu=True)
+    torch.testing.assert_close(loaded.visual.conv1.weight, model.visual.conv1.weight)
+    assert isinstance(loaded.visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
+    assert not isinstance(model.visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
+
+
+# --- attention swap ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_attention_swap_is_exact(batch_first):
+    torch.manual_seed(0)
+    tr = open_clip.transformer.Transformer(width=32, layers=2, heads=4, batch_first=batch_first).eval()
+    x = torch.randn(3, 7, 32)  # Transformer.forward takes (B, L, D); blocks see (L, B, D) if not batch first
+    causal = torch.full((7, 7), float("-inf")).triu(1)
+    with torch.no_grad():
+        ref, ref_masked = tr(x), tr(x, attn_mask=causal)
+        assert swap_attention(tr) == 2
+        assert isinstance(tr.resblocks[0].attn, OpenCLIPSelfAttention)
+        torch.testing.assert_close(tr(x), ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(tr(x, attn_mask=causal), ref_masked, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_swap_masks_match_multihead_attention():
+    """Boolean / float masks, a key padding mask and is_causal give nn.MultiheadAttention's result."""
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(16, 2, batch_first=True).eval()
+    attn = OpenCLIPSelfAttention(mha).eval()
+    x = torch.randn(2, 5, 16)
+    causal_bool = torch.ones(5, 5, dtype=torch.bool).triu(1)
+    pad = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    with torch.no_grad():
+        for kwargs in ({"attn_mask": causal_bool}, {"key_padding_mask": pad},
+                       {"attn_mask": causal_bool.float().masked_fill(causal_bool, float("-inf")),
+                        "key_padding_mask": torch.zeros(2, 5).masked_fill(pad, float("-inf"))}):
+            ref = mha(x, x, x, need_weights=False, **kwargs)[0]
+            torch.testing.assert_close(attn(x, x, x, **kwargs)[0], ref, atol=1e-5, rtol=1e-5)
+        ref = mha(x, x, x, need_weights=False, attn_mask=causal_bool)[0]
+        torch.testing.assert_close(attn(x, x, x, is_causal=True)[0], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_adapter_block_inputs_reproduce_the_towers(clip_data):
+    """first_block_input + run_block over the block list give the towers' transformer outputs
+    (quantization off), so QwT sees the real block inputs: visual tokens after ln_pre, text
+    embeddings with the causal mask."""
+    name = register_model_config(clip_data["config"])
+    model, _, tokenizer = load_clip(name, None, torch.device("cpu"))
+    images = torch.randn(3, 3, 32, 32)
+    tokens = tokenizer(["a red fish", "the dog on the grass", "sky"])
+    with torch.no_grad():
+        ref_v = model.visual.transformer(model.visual._embeds(images))
+        emb = model.token_embedding(tokens) + model.positional_embedding
+        ref_t = model.transformer(emb, attn_mask=model.attn_mask)
+        ref_t_nomask = model.transformer(emb)
+        qv = quantize_open_clip_visual(model.visual, 4, 4, patch_embed_bits=(8, 8))
+        qt = quantize_open_clip_text(model, 4, 4)
+        set_quant_state(model, False, False)
+        for qm, batch, ref in ((qv, images, ref_v), (qt, tokens, ref_t)):
+            x = qm.first_block_input(batch)
+            for i, block_name in enumerate(qm.block_names):
+                block = qm.model.get_submodule(block_name)
+                x = qm.run_block(i, block, x) if qm.run_block else block(x)
+            torch.testing.assert_close(x, ref, atol=1e-5, rtol=1e-5)
+        assert (ref_t - ref_t_nomask).abs().max() > 1e-3  # the mask matters
+        assert len(qv.ln_pairs) == len(qt.ln_pairs) == 4
+        assert isinstance(model.visual.conv1, QuantConv2d) and model.visual.conv1.w_bits == 8
+        assert model.visual.transformer.resblocks[0].attn.in_proj.w_bits == 4
+        assert model.transformer.resblocks[1].mlp.c_proj.a_bits == 4
+
+
+def test_quantized_attention_matmul_path():
+    """The explicit (quantizable) matmul path computes the same attention as nn.MultiheadAttention
+    when its quantizers pass values through, and 8-bit products change it only a little."""
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    attn = OpenCLIPSelfAttention(mha, a_bits=8, quant_matmul=True).eval()
+    x = torch.randn(2, 9, 32)
+    mask = torch.full((9, 9), float("-inf")).triu(1)
+    quantizers = [attn.matmul1.quantizer_a, attn.matmul1.quantizer_b,
+                  attn.matmul2.quantizer_a, attn.matmul2.quantizer_b]
+    with torch.no_grad():
+        ref = mha(x, x, x, need_weights=False, attn_mask=mask)[0]
+        for q in quantizers:
+            q.enabled = False  # explicit path, no rounding
+        torch.testing.assert_close(attn(x, x, x, attn_mask=mask)[0], ref, atol=1e-5, rtol=1e-5)
+        for q in quantizers:
+            q.enabled = True
+        out = attn(x, x, x, attn_mask=mask)[0]
+        assert all(q.is_inited for q in quantizers)
+        set_quant_state(attn, False, False)  # fused FP path
+        torch.testing.assert_close(attn(x, x, x, attn_mask=mask)[0], ref, atol=1e-5, rtol=1e-5)
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert 0 < rel < 0.1
+
+
+# --- calibration sampling ---------------------------------------------------------------------------
+
+def test_global_sampling_draws_across_shards(clip_data):
+    shards = expand_shards(clip_data["shards"])
+    assert len(shards) == NUM_SHARDS
+    indexes = index_shards(shards, workers=2, cache_dir=None, progress=False)
+    assert [len(ix) for ix in indexes] == [PER_SHARD] * NUM_SHARDS  # caption-less member skipped
+    draws = {seed: draw_samples(indexes, 16, seed) for seed in range(10)}
+    for seed, refs in draws.items():
+        assert len(refs) == 16 and len({(r.shard, r.key) for r in refs}) == 16
+        assert len({r.shard for r in refs}) > 1
+    assert draws[0] == draw_samples(indexes, 16, 0)  # deterministic for a seed
+    assert draws[0] != draws[1]
+    used = {r.shard for refs in draws.values() for r in refs}
+    assert used == set(shards)  # not biased to the first shards: every shard gets drawn
+    assert len(draw_samples(indexes, NUM_SHARDS * PER_SHARD, 3)) == NUM_SHARDS * PER_SHARD
+    with pytest.raises(InputError, match="fewer than"):
+        draw_samples(indexes, NUM_SHARDS * PER_SHARD + 1, 0)
+
+
+def test_sampled_pairs_decode_and_index_cache(clip_data, tmp_path):
+    pairs, refs, total = sample_calibration_pairs(clip_data["shards"], 10, 5, workers=1,
+                                                  cache_dir=str(tmp_path), progress=False)
+    assert total == NUM_SHARDS * PER_SHARD and len(pairs) == len(refs) == 10
+    assert all(img.size == (40, 40) and len(cap.split()) == 6 for img, cap in pairs)
+    assert len(os.listdir(tmp_path)) == NUM_SHARDS  # one cached index per shard
+    again, refs2, _ = sample_calibration_pairs(clip_data["shards"], 10, 5, workers=1,
+                                               cache_dir=str(tmp_path), progress=False)
+    assert refs2 == refs and [c for _, c in again] == [c for _, c in pairs]
+
+
+# --- bad input ----------------------------------------------------------------------------------------
+
+def test_bad_inputs_give_one_line_errors(clip_data, tmp_path):
+    d = clip_data
+    out = tmp_path / "r.json"
+    args = _base_args(d, "image_only", out)
+
+    def with_arg(flag, value):
+        a = list(args)
+        if flag in a:
+            i = a.index(flag)
+            if value is None:
+                del a[i:i + 2]
+            else:
+                a[i + 1] = value
+        else:
+            a += [flag, value]
+        return a
+
+    assert "--train-data is required" in _exit_message(with_arg("--train-data", None))
+    missing = str(d["root"] / "nowhere" / "cc3m-train-{0000..0003}.tar")
+    assert "matches no files" in _exit_message(with_arg("--train-data", missing))
+    too_many = d["shards"].replace("%04d" % (NUM_SHARDS - 1), "%04d" % (NUM_SHARDS + 1))
+    assert "2 of 14 shards" in _exit_message(with_arg("--train-data", too_many))
+    bad_model = [a for a in with_arg("--model", "ViT-Q/99") if a not in ("--model-config", d["config"])]
+    assert "unknown model 'ViT-Q/99'" in _exit_message(bad_model)
+    assert "no such directory" in _exit_message(with_arg("--imagenet-val", str(tmp_path / "val")))
+    assert "--imagenet-val is required" in _exit_message(with_arg("--imagenet-val", None))
+    assert "--wq_params=9" in _exit_message(with_arg("--wq_params", "9"))
+    assert "--aq_params=1" in _exit_message(with_arg("--aq_params", "1"))
+    assert "no such file" in _exit_message(with_arg("--model-config", str(tmp_path / "x.json")))
+    assert "fewer than the 4096" in _exit_message(with_arg("--iter", "128"))  # 128 x 32
+    assert not out.exists()
+
+
+# --- end to end ---------------------------------------------------------------------------------------
+
+def _assert_accuracy(res, n_images=12):
+    assert res["num_images"] == n_images and res["num_classes"] == len(WNIDS)
+    assert 0.0 <= res["top1"] <= res["top5"] <= 100.0
+
+
+def _assert_qwt_reduces_block_error(tower):
+    errors = tower["block_errors"]
+    assert len(errors) == 2 and tower["qwt"] is not None
+    applied = [e for e in errors if e["compensated"]]
+    assert applied, "QwT compensated no block"
+    for e in errors:
+        assert e["mse_quant"] > 0
+        if e["compensated"]:
+            assert e["mse_compensated"] < e["mse_quant"]
+        else:
+            assert e["mse_compensated"] == e["mse_quant"]
+    assert tower["embedding_rel_mse_repq_qwt"] < tower["embedding_rel_mse_repq"]
+
+
+def test_fp32_eval_end_to_end(clip_data, tmp_path):
+    out = tmp_path / "fp32.json"
+    res = main(_base_args(clip_data, "fp32_eval", out) + ["--batch-size", "5"])
+    _assert_accuracy(res)
+    saved = json.loads(out.read_text())
+    assert saved["top1"] == res["top1"] and "calibration" not in saved and "visual" not in saved
+
+
+def test_image_only_with_qwerty_reduces_visual_error(clip_data, tmp_path):
+    out = tmp_path / "img.json"
+    res = main(_base_args(clip_data, "image_only", out) +
+               ["--batch-size", "8", "--iter", "5", "--repq-size", "16", "--wq_params", "4",
+                "--aq_params", "4", "--qwerty", "--diagnostics", "--seed", "1"])
+    _assert_accuracy(res)
+    calib = res["calibration"]
+    assert calib["samples"] == 40 and calib["repq_samples"] == 16 and calib["shards_used"] > 1
+    assert res["visual"]["qwt_samples"] == 40 and "text" not in res
+    _assert_qwt_reduces_block_error(res["visual"])
+    assert json.loads(out.read_text())["visual"]["block_errors"] == res["visual"]["block_errors"]
+
+
+def test_all_quant_with_qwerty_reduces_visual_and_text_error(clip_data, tmp_path):
+    out = tmp_path / "all.json"
+    res = main(_base_args(clip_data, "all_quant", out) +
+               ["--batch-size", "16", "--calib-size", "36", "--wq_params", "4", "--aq_params", "4",
+                "--qwerty", "--diagnostics", "--quant-attn-matmul"])
+    _assert_accuracy(res)
+    assert res["calibration"]["samples"] == 36  # exact count, last batch partial
+    _assert_qwt_reduces_block_error(res["visual"])
+    _assert_qwt_reduces_block_error(res["text"])
+
+
+def test_all_quant_without_qwerty_quantizes_text_and_keeps_visual_path(clip_data, tmp_path):
+    """Without --qwerty: no compensation anywhere; all_quant quantizes the text tower (its embeddings
+    move away from FP) and treats the visual tower exactly as image_only does (same seed, same data)."""
+    common = ["--batch-size", "8", "--iter", "2", "--wq_params", "3", "--aq_params", "3"]
+    img = main(_base_args(clip_data, "image_only", tmp_path / "a.json") + common + ["--diagnostics"])
+    allq = main(_base_args(clip_data, "all_quant", tmp_path / "b.json") + common + ["--diagnostics"])
+    assert img["visual"]["block_errors"] == allq["visual"]["block_errors"]  # same visual path
+    assert img["visual"]["qwt"] is None and allq["text"]["qwt"] is None
+    assert allq["text"]["embedding_rel_mse_repq"] > 0 and "text" not in img
+    assert all(not e["compensated"] for e in allq["text"]["block_errors"])
+
+
+# --- scripts/run.sh -----------------------------------------------------------------------------------
+
+def test_run_sh_explains_missing_env():
+    env = {k: v for k, v in os.environ.items() if k not in ("IMAGENET_VAL", "CC3M_SHARDS")}
+    proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "run.sh")], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "IMAGENET_VAL" in proc.stderr and "CC3M_SHARDS" in proc.stderr
+
+
+def test_run_sh_end_to_end_on_test_data(clip_data, tmp_path):
+    env = dict(os.environ, IMAGENET_VAL=clip_data["val"], CC3M_SHARDS=clip_data["shards"],
+               CLIP_MODEL_CONFIG=clip_data["config"], CLIP_PRETRAINED="none",
+               CLIP_OUTPUT_DIR=str(tmp_path), PYTHON=sys.executable,
+               CLIP_EXTRA_ARGS="--restrict-classes --iter 1 --batch-size 12 --workers 0 "
+                               "--index-cache none --no-progress")
+    proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "run.sh")], env=env,
+                          capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    names = sorted(os.listdir(tmp_path))
+    assert names == ["all_quant_qwt.json", "fp32_eval.json", "image_only_qwt.json"]
+    for name in names:
+        _assert_accuracy(json.loads((tmp_path / name).read_text()))

@@ -1,0 +1,196 @@
+"""Classification command line: bad input gives one-line errors; registry, checkpoint and data helpers."""
+import os
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+
+from cls_helpers import base_argv, make_image_folder
+from cls_repq_vit import cli
+from cls_repq_vit.data import CalibrationSet, ShardSampler, eval_transform
+from cls_repq_vit.evaluate import evaluate, logits_of
+from cls_repq_vit.models import FAMILY_MODELS, MODELS, get_spec
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_image_folder(str(tmp_path_factory.mktemp("imagefolder")))
+
+
+def _script(name, *args, timeout=120):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "cls_repq_vit", name), *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def _one_line_exit(argv, capsys, choices=None):
+    """Run main(argv) in process; return the SystemExit message (must be one line, non-zero)."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv, choices=choices)
+    code = exc.value.code
+    msg = code if isinstance(code, str) else capsys.readouterr().err.strip()
+    assert code not in (0, None)
+    assert msg and "\n" not in msg.strip(), msg
+    assert "Traceback" not in msg
+    return msg
+
+
+# ------------------------------------------------------------------------------------ bad input
+def test_unknown_model_subprocess(data_dir):
+    res = _script("qwt_vit_and_deit.py", "--model", "deit_huge", "--data_dir", data_dir)
+    assert res.returncode != 0
+    err = res.stderr.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert "deit_huge" in err and "deit_small_distilled" in err and "vit_base" in err
+
+
+def test_family_script_rejects_other_family(data_dir):
+    res = _script("qwt_swin.py", "--model", "resnet50", "--data_dir", data_dir)
+    assert res.returncode != 0
+    err = res.stderr.strip()
+    assert len(err.splitlines()) == 1 and "swin_tiny, swin_small" in err, err
+
+
+@pytest.mark.parametrize("flag,value", [("--w_bit", "9"), ("--a_bit", "1"), ("--w_bits", "16"),
+                                        ("--a_bits", "four")])
+def test_bits_outside_2_to_8(data_dir, capsys, flag, value):
+    argv = base_argv("deit_small", data_dir, os.devnull) + [flag, value]
+    msg = _one_line_exit(argv, capsys)
+    assert "2 to 8" in msg and value in msg
+
+
+def test_missing_data_dir_subprocess(tmp_path):
+    res = _script("qwt_resnet.py", "--model", "resnet18", "--data_dir", str(tmp_path / "nope"))
+    assert res.returncode != 0
+    err = res.stderr.strip()
+    assert len(err.splitlines()) == 1 and "nope" in err and "does not exist" in err, err
+
+
+def test_data_dir_without_val(tmp_path, capsys):
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    msg = _one_line_exit(base_argv("deit_small", str(tmp_path), os.devnull), capsys)
+    assert "val" in msg and "missing" in msg
+
+
+def test_empty_val_folder(tmp_path, capsys):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "val").mkdir()
+    msg = _one_line_exit(base_argv("deit_small", str(tmp_path), os.devnull), capsys)
+    assert "val" in msg and "no images" in msg
+
+
+def test_checkpoint_with_wrong_keys(data_dir, tmp_path, capsys):
+    wrong = tmp_path / "resnet_weights.pth"
+    torch.save({"state_dict": timm.create_model("resnet18", num_classes=3).state_dict()}, wrong)
+    argv = base_argv("deit_small", data_dir, os.devnull)
+    argv.remove("--random-init")
+    msg = _one_line_exit(argv + ["--checkpoint", str(wrong)], capsys)
+    assert "missing keys" in msg and "unexpected keys" in msg and "conv1.weight" in msg
+    assert "--model" in msg  # says how to fix it
+
+
+def test_missing_checkpoint_file(data_dir, tmp_path, capsys):
+    argv = base_argv("deit_small", data_dir, os.devnull)
+    argv.remove("--random-init")
+    msg = _one_line_exit(argv + ["--checkpoint", str(tmp_path / "none.pth")], capsys)
+    assert "not found" in msg
+
+
+def test_act_mode_only_for_resnet(data_dir, capsys):
+    msg = _one_line_exit(base_argv("deit_small", data_dir, os.devnull) + ["--act_mode", "true"], capsys)
+    assert "ResNet" in msg
+
+
+def test_start_block_beyond_depth(data_dir, tmp_path, capsys):
+    argv = base_argv("deit_small", data_dir, str(tmp_path / "r.json")) + ["--start_block", "5"]
+    msg = _one_line_exit(argv, capsys)
+    assert "--start_block 5" in msg and "2 blocks" in msg
+
+
+# ------------------------------------------------------------------------------------- registry
+def test_registry_covers_the_scripts_and_preprocessing():
+    assert set(FAMILY_MODELS["vit"]) == {"vit_small", "vit_base", "deit_tiny", "deit_small", "deit_base",
+                                         "deit_tiny_distilled", "deit_small_distilled",
+                                         "deit_base_distilled"}
+    assert FAMILY_MODELS["swin"] == ["swin_tiny", "swin_small"]
+    assert FAMILY_MODELS["resnet"] == ["resnet18", "resnet50", "resnet101"]
+    assert MODELS["deit_small"].resize_size() == 256 and MODELS["deit_small"].std[0] == 0.229
+    assert MODELS["vit_base"].resize_size() == 248 and MODELS["vit_base"].mean == (0.5, 0.5, 0.5)
+    assert MODELS["swin_tiny"].crop_pct == 0.9 and MODELS["swin_tiny"].mean[0] == 0.485
+    assert MODELS["resnet50"].hub_name == "resnet50.tv_in1k" and MODELS["resnet50"].crop_pct == 0.875
+    assert "deit_small_patch16_224-cd65a155.pth" in MODELS["deit_small"].weight_file_names()
+    t = eval_transform(MODELS["vit_small"])
+    assert t.transforms[0].size == 248 and t.transforms[1].size == (224, 224)
+    with pytest.raises(SystemExit, match="unknown model"):
+        get_spec("resnet34")
+
+
+@pytest.mark.parametrize("wrapper", ["plain", "model", "state_dict", "module_prefix", "safetensors"])
+def test_checkpoint_formats_load(tmp_path, wrapper):
+    spec = MODELS["deit_small"]
+    kwargs = dict(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3, num_classes=3)
+    src = spec.create(kwargs)
+    sd = src.state_dict()
+    path = tmp_path / ("w.safetensors" if wrapper == "safetensors" else "w.pth")
+    if wrapper == "safetensors":
+        from safetensors.torch import save_file
+        save_file(sd, str(path))
+    else:
+        blob = {"plain": sd, "model": {"model": sd, "epoch": 3}, "state_dict": {"state_dict": sd},
+                "module_prefix": {f"module.{k}": v for k, v in sd.items()}}[wrapper]
+        torch.save(blob, path)
+    torch.manual_seed(123)
+    model, source = spec.build(str(path), pretrained=True, model_kwargs=kwargs)
+    assert str(path) in source
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+
+
+def test_local_pretrained_weights_dir(tmp_path):
+    spec = MODELS["resnet18"]
+    src = spec.create({"num_classes": 3})
+    torch.save(src.state_dict(), tmp_path / "resnet18.tv_in1k.pth")
+    model, source = spec.build(None, pretrained=True, model_kwargs={"num_classes": 3},
+                               weights_dir=str(tmp_path))
+    assert "resnet18.tv_in1k.pth" in source
+    assert torch.equal(model.fc.weight, src.fc.weight)
+
+
+# ----------------------------------------------------------------------------------------- data
+def test_calibration_split_across_ranks(data_dir):
+    spec = MODELS["deit_small"]
+    full = CalibrationSet(data_dir, spec, 32, calib_size=24, repq_calib_size=8, seed=5)
+    shards = [CalibrationSet(data_dir, spec, 32, 24, 8, seed=5, rank=r, world_size=2) for r in range(2)]
+    assert len(full.qwt_indices) == 24 and all(len(s.qwt_indices) == 12 for s in shards)
+    assert sorted(shards[0].qwt_indices + shards[1].qwt_indices) == sorted(full.qwt_indices)
+    assert shards[0].repq_indices == shards[1].repq_indices == full.repq_indices  # same quantizers
+    other_seed = CalibrationSet(data_dir, spec, 32, 24, 8, seed=6)
+    assert other_seed.qwt_indices != full.qwt_indices
+
+
+def test_shard_sampler_counts_each_image_once():
+    n, world = 21, 4
+    parts = [list(ShardSampler(n, r, world)) for r in range(world)]
+    assert sorted(i for p in parts for i in p) == list(range(n))
+    assert [len(ShardSampler(n, r, world)) for r in range(world)] == [len(p) for p in parts]
+
+
+def test_distilled_deit_evaluates_mean_of_both_heads():
+    model = timm.create_model("deit_tiny_distilled_patch16_224", img_size=32, patch_size=8,
+                              embed_dim=48, depth=1, num_heads=3, num_classes=3).eval()
+    x = torch.randn(16, 3, 32, 32)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        cls_logits, dist_logits = model.head(feats[:, 0]), model.head_dist(feats[:, 1])
+    expected = ((cls_logits + dist_logits) / 2).argmax(-1)
+    acc = evaluate(model, [(x, expected)], "cpu", progress=False)
+    assert acc.top1 == 100.0 and acc.count == 16
+    # a tuple output (distilled training mode) is averaged the same way
+    assert torch.allclose(logits_of((cls_logits, dist_logits)), (cls_logits + dist_logits) / 2)
+    # and the average is what was scored: against the cls head alone the score differs wherever
+    # the heads disagree
+    agree = (cls_logits.argmax(-1) == expected).float().mean().item() * 100
+    assert evaluate(model, [(x, cls_logits.argmax(-1))], "cpu", progress=False).top1 == pytest.approx(agree)
