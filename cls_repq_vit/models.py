@@ -25,6 +25,8 @@ import timm
 import torch
 from torch import nn
 
+from qwt_core.model_io import state_dict_mismatch
+
 Family = Literal["vit", "swin", "resnet"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -249,23 +251,10 @@ def load_checkpoint(model: nn.Module, path: str, spec: ModelSpec) -> None:
         model.load_pretrained(path)
         return
     sd = _timm_filter(model, read_state_dict(path))
-    own = model.state_dict()
     # Non-persistent / derived buffers timm recomputes (e.g. Swin relative_position_index).
-    optional = {k for k in own if k.endswith(("relative_position_index", "attn_mask"))}
-    missing = [k for k in own if k not in sd and k not in optional]
-    unexpected = [k for k in sd if k not in own]
-    wrong_shape = [k for k in sd if k in own and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong_shape:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]!r})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]!r})")
-        if wrong_shape:
-            k = wrong_shape[0]
-            parts.append(f"{len(wrong_shape)} keys with other shapes (e.g. {k!r}: "
-                         f"{tuple(sd[k].shape)} vs {tuple(own[k].shape)})")
+    problem = state_dict_mismatch(model.state_dict(), sd, ("relative_position_index", "attn_mask"))
+    if problem:
         raise CheckpointError(
-            f"error: checkpoint {path} does not fit {spec.name} ({spec.timm_name}): {', '.join(parts)}; "
+            f"error: checkpoint {path} does not fit {spec.name} ({spec.timm_name}): {problem}; "
             f"pass weights of this architecture or choose the matching --model")
     model.load_state_dict(sd, strict=False)

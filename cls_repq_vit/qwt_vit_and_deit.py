@@ -3,7 +3,7 @@
     python cls_repq_vit/qwt_vit_and_deit.py --model NAME --data_dir /path/imagenet --w_bit 4 --a_bit 4
     torchrun --nproc_per_node=8 cls_repq_vit/qwt_vit_and_deit.py --model NAME --data_dir /path/imagenet
 
-See ``--help`` and docs/README_cls.md.
+See ``--help`` and README.md.
 """
 import os
 import sys

@@ -22,6 +22,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from qwt_core.model_io import state_dict_mismatch
+
 # position k of the original concat for each unfold position p = 2·dh + dw (a self-inverse map)
 _UNFOLD_TO_CONCAT = (0, 2, 1, 3)
 
@@ -117,7 +119,7 @@ def read_checkpoint(path: str | Path) -> dict:
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}. Download it (see docs/README_detection.md) "
+        raise CheckpointError(f"checkpoint not found: {path}. Download it (see pretrained_weights/README.md) "
                               "into pretrained_weights/ or pass the right path.")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -158,21 +160,10 @@ def load_detector_checkpoint(model: nn.Module, path: str | Path) -> dict[str, in
     legacy = is_legacy_swin_layout(sd)
     if legacy:
         sd = convert_legacy_swin_keys(sd)
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd and not k.endswith("relative_position_index")]
-    unexpected = [k for k in sd if k not in own]
-    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own
-             if k in sd and sd[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-        if wrong:
-            parts.append(f"{len(wrong)} with another shape (e.g. {'; '.join(wrong[:2])})")
+    problem = state_dict_mismatch(model.state_dict(), sd, ("relative_position_index",))
+    if problem:
         raise CheckpointError(f"checkpoint {path} does not match the model of this config: "
-                              f"{'; '.join(parts)}. Use the checkpoint that belongs to the config "
-                              "(see docs/README_detection.md).")
+                              f"{problem}. Use the checkpoint that belongs to the config "
+                              "(see pretrained_weights/README.md).")
     model.load_state_dict(sd, strict=False)
     return {"legacy_layout": legacy, "tensors": len(sd)}

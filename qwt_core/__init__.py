@@ -10,6 +10,8 @@ For models without an adapter, call :func:`apply_qwt` with the block names and a
 produces the first block's input.
 """
 from .adapters.base import QuantizedModel
+from .adapters.mmdet_swin import quantize_mmdet_swin_detector
+from .adapters.open_clip import quantize_open_clip_text, quantize_open_clip_visual
 from .adapters.timm_resnet import quantize_resnet
 from .adapters.timm_swin import quantize_timm_swin
 from .adapters.timm_vit import quantize_timm_vit
@@ -25,7 +27,8 @@ from .reparam import reparameterize_layernorm
 from .repq import repq_calibrate
 
 __all__ = [
-    "QuantizedModel", "quantize_resnet", "quantize_timm_swin", "quantize_timm_vit",
+    "QuantizedModel", "quantize_mmdet_swin_detector", "quantize_open_clip_text",
+    "quantize_open_clip_visual", "quantize_resnet", "quantize_timm_swin", "quantize_timm_vit",
     "CompensatedBlock", "GroupedConvLeastSquares", "TokenLeastSquares", "load_quantized",
     "save_quantized", "QuantConv2d", "QuantLinear", "QuantMatMul", "quant_disabled",
     "set_quant_state", "calibrate_repq", "compensate", "LayerBits", "quantize_layers",

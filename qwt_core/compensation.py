@@ -194,5 +194,13 @@ class CompensatedBlock(nn.Module):
         self.block = block
         self.compensation = compensation
 
+    def __getattr__(self, name: str):
+        # Code that reads attributes of the wrapped block (open_clip's ``get_cast_dtype`` reads
+        # ``resblocks[0].mlp``, Swin stages read ``blocks[i].window_size``) keeps working.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("block"), name)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return self.block(x, *args, **kwargs) + self.compensation(x)

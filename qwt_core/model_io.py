@@ -19,6 +19,29 @@ from .compensation import CompensatedBlock
 FORMAT = "qwt-quantized-v1"
 
 
+def state_dict_mismatch(own: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor],
+                        optional_suffixes: tuple[str, ...] = ()) -> str:
+    """One line naming what keeps ``loaded`` from fitting ``own`` ('' when it fits).
+
+    Counts missing keys (keys of ``own`` absent from ``loaded``, except those ending in one of
+    ``optional_suffixes``, e.g. derived buffers), unexpected keys and keys with another shape, each with
+    an example, so a wrong checkpoint stops with a message the user can act on.
+    """
+    missing = [k for k in own if k not in loaded and not k.endswith(optional_suffixes)]
+    unexpected = [k for k in loaded if k not in own]
+    wrong = [k for k in loaded if k in own and tuple(loaded[k].shape) != tuple(own[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys (e.g. {missing[0]!r})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]!r})")
+    if wrong:
+        k = wrong[0]
+        parts.append(f"{len(wrong)} keys with other shapes (e.g. {k!r}: "
+                     f"{tuple(loaded[k].shape)} vs {tuple(own[k].shape)})")
+    return ", ".join(parts)
+
+
 def _describe(module: nn.Module) -> dict[str, Any]:
     if isinstance(module, nn.Conv2d):
         return {"kind": "conv", "in": module.in_channels, "out": module.out_channels,
@@ -68,7 +91,7 @@ def _recreate_missing_biases(model: nn.Module, state_dict: dict[str, torch.Tenso
         except AttributeError:
             continue
         if isinstance(module, (nn.Linear, nn.Conv2d)) and module.bias is None:
-            module.bias = nn.Parameter(torch.zeros_like(state_dict[key]))
+            module.bias = nn.Parameter(torch.zeros_like(state_dict[key], device=module.weight.device))
 
 
 def load_quantized(path: str, build: Callable[[dict[str, Any]], Any]) -> tuple[Any, dict[str, Any]]:

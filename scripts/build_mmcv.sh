@@ -41,7 +41,7 @@ echo "Building mmcv $VERSION from source (about 20 minutes on 2 cores; cached af
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 "$PIP" install -q "setuptools<81" wheel ninja
-"$PIP" download -q --no-deps --no-binary :all: -d "$WORK" "mmcv==$VERSION"
+"$PIP" download -q --no-deps --no-binary :all: --no-build-isolation -d "$WORK" "mmcv==$VERSION"
 tar -xzf "$WORK"/mmcv-$VERSION.tar.gz -C "$WORK"
 SRC="$WORK/mmcv-$VERSION"
 sed -i 's/-std=c++17/-std=c++20/g' "$SRC/setup.py"

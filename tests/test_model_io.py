@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from helpers_models import images, tiny_resnet, tiny_swin, tiny_vit
-from qwt_core import (calibrate_repq, compensate, load_quantized, quantize_resnet,
+from qwt_core import (CompensatedBlock, calibrate_repq, compensate, load_quantized, quantize_resnet,
                       quantize_timm_swin, quantize_timm_vit, save_quantized)
+from qwt_core.model_io import state_dict_mismatch
 from qwt_core.repq import uninitialized_quantizers
 
 BUILDERS = {
@@ -47,3 +48,22 @@ def test_corrupt_and_foreign_files(tmp_path):
         load_quantized(str(foreign), lambda m: None)
     with pytest.raises(FileNotFoundError):
         load_quantized(str(tmp_path / "missing.pt"), lambda m: None)
+
+
+def test_state_dict_mismatch_names_each_problem():
+    own = {"a.weight": torch.zeros(2, 3), "a.bias": torch.zeros(2), "rel.relative_position_index": torch.zeros(1)}
+    assert state_dict_mismatch(own, {"a.weight": torch.ones(2, 3), "a.bias": torch.ones(2)},
+                               ("relative_position_index",)) == ""
+    msg = state_dict_mismatch(own, {"a.weight": torch.ones(3, 3), "b.weight": torch.ones(1)})
+    assert "2 missing keys (e.g. 'a.bias')" in msg
+    assert "1 unexpected keys (e.g. 'b.weight')" in msg
+    assert "1 keys with other shapes (e.g. 'a.weight': (3, 3) vs (2, 3))" in msg
+
+
+def test_compensated_block_reads_through_to_block():
+    block = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    block.window_size = 7
+    wrapped = CompensatedBlock(block, torch.nn.Linear(4, 4))
+    assert wrapped.window_size == 7 and wrapped.block is block
+    with pytest.raises(AttributeError):
+        wrapped.no_such_attribute

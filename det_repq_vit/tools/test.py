@@ -132,7 +132,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args.checkpoint = str(resolve_path(args.checkpoint, ROOT, ROOT / "det_repq_vit"))
     if not Path(args.checkpoint).is_file():
         raise SystemExit(f"checkpoint not found: {args.checkpoint}. Put the Swin detection checkpoint "
-                         "in pretrained_weights/ (see docs/README_detection.md).")
+                         "in pretrained_weights/ (see pretrained_weights/README.md).")
 
     import torch
     from mmdet.utils import register_all_modules

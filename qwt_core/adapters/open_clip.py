@@ -123,24 +123,6 @@ class OpenCLIPSelfAttention(nn.Module):
         return (out if self.batch_first else out.transpose(0, 1)), None
 
 
-class _FixedDtype:
-    """Picklable ``get_cast_dtype`` replacement returning a fixed dtype."""
-
-    def __init__(self, dtype: torch.dtype) -> None:
-        self.dtype = dtype
-
-    def __call__(self) -> torch.dtype:
-        return self.dtype
-
-
-def _pin_cast_dtype(transformer: nn.Module) -> None:
-    """open_clip's ``Transformer.get_cast_dtype`` reads ``resblocks[0].mlp.c_fc``; once QwT wraps the
-    block in a ``CompensatedBlock`` that attribute path is gone, so pin the dtype now."""
-    if hasattr(transformer, "get_cast_dtype") and not isinstance(
-            transformer.__dict__.get("get_cast_dtype"), _FixedDtype):
-        transformer.get_cast_dtype = _FixedDtype(transformer.get_cast_dtype())
-
-
 def swap_attention(transformer: nn.Module, a_bits: int = 8, quant_matmul: bool = False) -> int:
     """Replace the ``nn.MultiheadAttention`` of every block in ``transformer.resblocks``.
 
@@ -203,7 +185,6 @@ def quantize_open_clip_visual(visual: nn.Module, w_bits: int, a_bits: int, quant
     swap_attention(transformer, a_bits, quant_attn_matmul)
     pw, pa = patch_embed_bits if patch_embed_bits is not None else (w_bits, a_bits)
     quantize_layers(visual, _block_rule(w_bits, a_bits, {"conv1": LayerBits(pw, pa)}))
-    _pin_cast_dtype(transformer)
     batch_first = _is_batch_first(transformer)
 
     def first_block_input(images: torch.Tensor) -> torch.Tensor:
@@ -276,7 +257,6 @@ def quantize_open_clip_text(clip: nn.Module, w_bits: int, a_bits: int,
     transformer = tower.transformer
     swap_attention(transformer, a_bits, quant_attn_matmul)
     quantize_layers(tower, _block_rule(w_bits, a_bits, {}))
-    _pin_cast_dtype(transformer)
     batch_first = _is_batch_first(transformer)
 
     def first_block_input(tokens: torch.Tensor) -> torch.Tensor:
