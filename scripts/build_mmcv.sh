@@ -37,7 +37,7 @@ for WHEEL in "$CACHE"/mmcv-$VERSION-*.whl "$CACHE_ROOT"/mmcv-$VERSION-*.whl; do
     echo "cached wheel $WHEEL does not load with torch $TORCH_TAG; rebuilding" >&2
 done
 
-echo "Building mmcv $VERSION from source (about 20 minutes on 2 cores; cached afterwards)"
+echo "Building mmcv $VERSION from source (10–20 minutes on 2 cores; cached afterwards)"
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 "$PIP" install -q "setuptools<81" wheel ninja
