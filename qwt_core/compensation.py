@@ -195,8 +195,8 @@ class CompensatedBlock(nn.Module):
         self.compensation = compensation
 
     def __getattr__(self, name: str):
-        # Code that reads attributes of the wrapped block (open_clip's ``get_cast_dtype`` reads
-        # ``resblocks[0].mlp``, Swin stages read ``blocks[i].window_size``) keeps working.
+        # Code that reads attributes of the wrapped block keeps working (e.g. open_clip's
+        # ``Transformer.get_cast_dtype`` reads ``resblocks[0].mlp.c_fc``).
         try:
             return super().__getattr__(name)
         except AttributeError:
