@@ -1,27 +1,60 @@
-# Two-command setup:  `make demo`  and  `make test`.
-# The virtual environment (.venv) is created and filled on first use.
+# Two commands:  `make demo`  and  `make test`.
+# The virtual environment ($(VENV), default .venv) is filled in layers, each on first use and stamped:
+#   core  (`make core`)  torch, torchvision, timm, open_clip, matplotlib, scikit-learn, ...: wheels only,
+#                        nothing compiled; enough for the demo, classification and CLIP.
+#   det   (`make det`)   detection: mmengine, pycocotools, mmcv 2.1.0 compiled from source once
+#                        (10-50 minutes on 2 cores, wheel cached in ~/.cache/qwt-toolkit), mmdet 3.3.0.
+#   test                 pytest.
+# `make demo` installs only core; `make test` installs all three (so it builds mmcv the first time).
+# VENV=/some/dir selects another environment, e.g. `make demo VENV=/tmp/venv_core`.
 PYTHON ?= python3
-VENV   := .venv
+VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
-STAMP  := $(VENV)/.installed
+CORE   := $(VENV)/.core-installed
+DET    := $(VENV)/.det-installed
+TESTS  := $(VENV)/.test-installed
+# what the bench targets need
+STAMP  := $(CORE)
 
-.PHONY: venv demo test bench clean-venv
+.PHONY: venv core det demo test bench bench-onnx bench-speed clean-venv
 
-venv: $(STAMP)
+core: $(CORE)
+det: $(DET)
+# every layer (what `make test` needs)
+venv: $(CORE) $(DET) $(TESTS)
+	touch $(VENV)/.installed
 
-$(STAMP): requirements.txt setup.py scripts/setup_env.sh scripts/build_mmcv.sh
-	bash scripts/setup_env.sh $(PYTHON) $(VENV)
-	touch $(STAMP)
+$(CORE): requirements.txt setup.py scripts/setup_env.sh
+	bash scripts/setup_env.sh $(PYTHON) $(VENV) core
+	touch $@
 
-demo: $(STAMP)
-	$(PY) scripts/demo.py
+$(DET): $(CORE) requirements-det.txt scripts/build_mmcv.sh
+	bash scripts/setup_env.sh $(PYTHON) $(VENV) det
+	touch $@
 
-test: $(STAMP)
+$(TESTS): $(CORE) requirements-test.txt
+	bash scripts/setup_env.sh $(PYTHON) $(VENV) test
+	touch $@
+
+# FP / RepQ-ViT / + QwT on scikit-learn digits, 3 seeds -> outputs/demo/demo_results.json + demo.png
+demo: $(CORE)
+	$(PY) scripts/demo.py $(DEMO_ARGS)
+
+test: $(CORE) $(DET) $(TESTS)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/calibration_cost.py
+
+# calibration / fake-quant eval / QwT time vs FP, DeiT-S, Swin-T, ResNet-50 (2 CPU threads; + GPU if any)
+# -> outputs/bench/speed.json
+bench-speed: $(STAMP)
+	$(PY) benchmarks/speed.py $(SPEED_ARGS)
+
+# ONNX QDQ int8 latency (onnxruntime, 2 threads): DeiT-S, Swin-T, ResNet-50 -> outputs/bench/onnx_latency.json
+bench-onnx: $(STAMP)
+	$(PY) benchmarks/onnx_latency.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -80,10 +80,20 @@ def build_parser(choices: Optional[list[str]] = None, description: str = "") -> 
     p.add_argument("--act_mode", choices=["reference8", "true"], default=None,
                    help="ResNet only: 'reference8' feeds every conv input at 8 bits as the QwT reference "
                         "(default); 'true' quantizes conv inputs at --a_bit")
+    p.add_argument("--resnet_recipe", "--resnet-recipe", dest="resnet_recipe", choices=["published", "folded"],
+                   default=None,
+                   help="ResNet only: 'published' keeps BatchNorm as fp32 modules after the fake-quant convs, "
+                        "as the QwT reference (default); 'folded' folds BatchNorm into the convs first "
+                        "(what a deployment runs). Both use the RepQ-ViT MSE quantizers")
     p.add_argument("--eval_fp", action="store_true", help="also evaluate the full-precision model")
     p.add_argument("--skip_qwt", action="store_true", help="stop after the baseline quantization")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cuda:N or cpu")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration subset and torch")
+    p.add_argument("--calib_source", "--calib-source", dest="calib_source", choices=["real", "synthetic"],
+                   default="real", help="real: images of --data_dir/train; synthetic: a set made by "
+                   "`python -m cls_repq_vit.synthesize` from the same weights (no real images)")
+    p.add_argument("--synth_dir", "--synth-dir", dest="synth_dir", default=None,
+                   help="synthetic set folder (with --calib_source synthetic)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="data loader workers per process (default: min(8, CPU count))")
     p.add_argument("--output", default=None, help="JSON results file (default outputs/cls/...)")
@@ -91,7 +101,22 @@ def build_parser(choices: Optional[list[str]] = None, description: str = "") -> 
                    help="save the quantized + compensated model (reloads without recalibration)")
     p.add_argument("--load_quantized", default=None, metavar="PATH",
                    help="evaluate a model saved with --save_quantized instead of calibrating")
+    p.add_argument("--export_onnx", default=None, metavar="PATH",
+                   help="write the quantized (+QwT) model as an ONNX QDQ graph that onnxruntime runs "
+                        "with int8 kernels (after calibration/QwT, or with --load_quantized)")
+    p.add_argument("--eval_onnx", action="store_true",
+                   help="evaluate the --export_onnx graph with onnxruntime on val/: top-1 next to the "
+                        "fake-quant top-1, identical predictions, max relative logit difference")
+    p.add_argument("--onnx_compensation", choices=["fp32", "int8"], default="fp32",
+                   help="QwT compensation in the ONNX graph: fp32 Linear (default) or W8A8 QDQ Linear "
+                        "(calibrated on the RepQ-ViT calibration images)")
+    p.add_argument("--round_zero_points", action="store_true",
+                   help="--export_onnx: round fractional activation zero points (models calibrated "
+                        "without --integer_zero_point) instead of refusing; --eval_onnx shows the effect")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    p.add_argument("--plot", default=None, metavar="PATH.png",
+                   help="also draw the run as a PNG: top-1 per method and per-block output error to FP "
+                        "before/after QwT with R² (same numbers as the JSON)")
     p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
                    help=argparse.SUPPRESS)
     return p
@@ -117,13 +142,33 @@ def validate_args(args: argparse.Namespace, choices: Optional[list[str]] = None)
         raise SystemExit(f"error: --act_mode is for ResNet models only, not {args.model}")
     if spec.family == "resnet" and args.act_mode is None:
         args.act_mode = "reference8"
+    if getattr(args, "resnet_recipe", None) is not None and spec.family != "resnet":
+        raise SystemExit(f"error: --resnet_recipe is for ResNet models only, not {args.model}")
+    if spec.family == "resnet" and getattr(args, "resnet_recipe", None) is None:
+        args.resnet_recipe = "published"
     for flag in ("calib_size", "repq_calib_size", "batch_size"):
         if getattr(args, flag) < 1:
             raise SystemExit(f"error: --{flag} must be at least 1")
     if args.start_block < 0:
         raise SystemExit("error: --start_block must be >= 0")
+    if getattr(args, "calib_source", "real") == "synthetic" and not args.synth_dir:
+        raise SystemExit("error: --calib_source synthetic needs --synth_dir DIR (python -m cls_repq_vit.synthesize)")
+    if getattr(args, "calib_source", "real") != "synthetic" and getattr(args, "synth_dir", None):
+        raise SystemExit("error: --synth_dir is only used with --calib_source synthetic")
+    if getattr(args, "export_onnx", None) is None and (
+            getattr(args, "eval_onnx", False) or getattr(args, "round_zero_points", False)
+            or getattr(args, "onnx_compensation", "fp32") != "fp32"):
+        raise SystemExit("error: --eval_onnx, --round_zero_points and --onnx_compensation need "
+                         "--export_onnx PATH")
+    if getattr(args, "onnx_compensation", "fp32") == "int8" and args.skip_qwt:
+        raise SystemExit("error: --onnx_compensation int8 quantizes the QwT compensation, but --skip_qwt "
+                         "computes none; drop one of them")
+    if getattr(args, "export_onnx", None) is not None and not args.export_onnx.endswith(".onnx"):
+        raise SystemExit(f"error: --export_onnx {args.export_onnx}: the file name must end in .onnx")
     if args.checkpoint is not None and args.random_init:
         raise SystemExit("error: --checkpoint and --random-init exclude each other")
+    if getattr(args, "plot", None) is not None and not args.plot.lower().endswith(".png"):
+        raise SystemExit(f"error: --plot {args.plot}: the figure is a PNG, the file name must end in .png")
     if not os.path.isdir(args.data_dir):
         raise SystemExit(f"error: --data_dir {args.data_dir} does not exist (expected ImageNet-style "
                          f"train/ and val/ folders inside)")
@@ -141,13 +186,14 @@ def seed_everything(seed: int) -> None:
 
 
 def quantize_model(model: nn.Module, spec: ModelSpec, w_bit: int, a_bit: int,
-                   act_mode: Optional[str] = None) -> QuantizedModel:
+                   act_mode: Optional[str] = None, resnet_recipe: Optional[str] = None) -> QuantizedModel:
     """Fake-quantize ``model`` in place with the family's qwt_core adapter."""
     if spec.family == "vit":
         return qwt_core.quantize_timm_vit(model, w_bit, a_bit)
     if spec.family == "swin":
         return qwt_core.quantize_timm_swin(model, w_bit, a_bit)
-    return qwt_core.quantize_resnet(model, w_bit, a_bit, act_mode=act_mode or "reference8")
+    return qwt_core.quantize_resnet(model, w_bit, a_bit, act_mode=act_mode or "reference8",
+                                    recipe=resnet_recipe or "published")
 
 
 def load_saved(path: str, device: torch.device) -> tuple[QuantizedModel, dict[str, Any]]:
@@ -156,7 +202,9 @@ def load_saved(path: str, device: torch.device) -> tuple[QuantizedModel, dict[st
     def build(meta: dict[str, Any]) -> QuantizedModel:
         spec = get_spec(meta["model"])
         model = spec.create(meta.get("model_kwargs") or {})
-        return quantize_model(model, spec, meta["w_bits"], meta["a_bits"], meta.get("act_mode"))
+        # files saved before --resnet_recipe existed hold BatchNorm-folded ResNets
+        recipe = meta.get("resnet_recipe", "folded") if spec.family == "resnet" else None
+        return quantize_model(model, spec, meta["w_bits"], meta["a_bits"], meta.get("act_mode"), recipe)
 
     try:
         qm, meta = qwt_core.load_quantized(path, build)
@@ -169,6 +217,8 @@ def load_saved(path: str, device: torch.device) -> tuple[QuantizedModel, dict[st
 
 def default_output(args: argparse.Namespace) -> str:
     suffix = f"_{args.act_mode}" if args.act_mode else ""
+    if getattr(args, "resnet_recipe", None) == "folded":
+        suffix += "_folded"
     return os.path.join(ROOT, "outputs", "cls", f"{args.model}_w{args.w_bit}a{args.a_bit}{suffix}.json")
 
 
@@ -223,6 +273,8 @@ def _run(args: argparse.Namespace, spec: ModelSpec, rank: int, world: int, devic
                              f"not {args.model}; pass --model {meta.get('model')}")
         results["img_size"] = args.img_size = int(meta.get("img_size") or args.img_size)
         results.update(w_bit=meta["w_bits"], a_bit=meta["a_bits"], act_mode=meta.get("act_mode"))
+        if "recipe" in qm.meta:
+            results["recipe"] = qm.meta["recipe"]
         bits = f"W{meta['w_bits']}A{meta['a_bits']}" + (f" ({meta['act_mode']})" if meta.get("act_mode") else "")
         val = cls_data.val_loader(args.data_dir, spec, args.img_size, args.batch_size, args.workers,
                                   rank, world)
@@ -231,6 +283,13 @@ def _run(args: argparse.Namespace, spec: ModelSpec, rank: int, world: int, devic
         results["accuracy"]["loaded"] = acc.to_dict()
         results["loaded_meta"] = meta
         rows.append((label, acc))
+        if args.export_onnx:
+            calib_images = None
+            if args.onnx_compensation == "int8":
+                calib_images = cls_data.CalibrationSet(
+                    args.data_dir, spec, args.img_size, args.repq_calib_size, args.repq_calib_size,
+                    args.seed, 0, 1).repq_images(args.workers).to(device)
+            export_and_eval_onnx(args, qm.model, calib_images, val, world, results, rows, timings)
         return _finish(args, results, rows, bits, timings, t_total)
 
     val = cls_data.val_loader(args.data_dir, spec, args.img_size, args.batch_size, args.workers, rank, world)
@@ -241,8 +300,13 @@ def _run(args: argparse.Namespace, spec: ModelSpec, rank: int, world: int, devic
     timings["build"] = time.perf_counter() - t
     results["weights"] = source
     _log(f"{args.model} ({spec.timm_name}) from {source}; {bits}; {world} process(es) on {device}")
-    calib = cls_data.CalibrationSet(args.data_dir, spec, args.img_size, args.calib_size,
-                                    args.repq_calib_size, args.seed, rank, world)
+    if args.calib_source == "synthetic":
+        calib = cls_data.SyntheticCalibrationSet(args.synth_dir, spec, args.model, model, args.img_size,
+                                                 args.calib_size, args.repq_calib_size, rank, world)
+    else:
+        calib = cls_data.CalibrationSet(args.data_dir, spec, args.img_size, args.calib_size,
+                                        args.repq_calib_size, args.seed, rank, world)
+    results["calib_source"] = args.calib_source
 
     if args.eval_fp:
         acc = evaluate(model, val, device, "FP32", progress)
@@ -251,7 +315,9 @@ def _run(args: argparse.Namespace, spec: ModelSpec, rank: int, world: int, devic
         rows.append(("FP32", acc))
 
     t = time.perf_counter()
-    qm = quantize_model(model, spec, args.w_bit, args.a_bit, args.act_mode)
+    qm = quantize_model(model, spec, args.w_bit, args.a_bit, args.act_mode, getattr(args, "resnet_recipe", None))
+    if "recipe" in qm.meta:
+        results["recipe"] = qm.meta["recipe"]
     try:
         qwt_core.calibrate_repq(qm, calib.repq_images(args.workers).to(device),
                                 integer_zero_point=args.integer_zero_point)
@@ -285,10 +351,61 @@ def _run(args: argparse.Namespace, spec: ModelSpec, rank: int, world: int, devic
         meta = {"model": args.model, "w_bits": args.w_bit, "a_bits": args.a_bit, "act_mode": args.act_mode,
                 "model_kwargs": args.model_kwargs, "img_size": args.img_size, "qwt": not args.skip_qwt,
                 "integer_zero_point": args.integer_zero_point}
+        if "recipe" in qm.meta:
+            meta.update(resnet_recipe=qm.meta["resnet_recipe"], recipe=qm.meta["recipe"])
         qwt_core.save_quantized(model, args.save_quantized, meta)
         results["saved_quantized"] = os.path.abspath(args.save_quantized)
         _log(f"saved quantized model to {args.save_quantized}")
+    if args.export_onnx:
+        calib_images = calib.repq_images(args.workers).to(device) if args.onnx_compensation == "int8" else None
+        export_and_eval_onnx(args, model, calib_images, val, world, results, rows, timings)
     return _finish(args, results, rows, bits, timings, t_total)
+
+
+def export_and_eval_onnx(args: argparse.Namespace, model: nn.Module, calib_images: Optional[torch.Tensor],
+                         val, world: int, results: dict[str, Any], rows: list, timings: dict[str, float]) -> None:
+    """``--export_onnx`` (rank 0) and ``--eval_onnx`` (single process): the ONNX QDQ graph, its
+    integer-op check, and onnxruntime's top-1 next to the fake-quant top-1 (``results["onnx"]``)."""
+    if not is_main_process():
+        return
+    from qwt_core import export as qx
+    example = torch.zeros(1, 3, args.img_size, args.img_size)
+    try:
+        rep = qx.export_onnx(model, example, args.export_onnx, compensation=args.onnx_compensation,
+                             calib_images=calib_images, round_zero_points=args.round_zero_points)
+    except qx.ExportError as exc:
+        raise SystemExit(f"error: --export_onnx: {exc}") from None
+    timings["export_onnx"] = rep.seconds
+    _log(rep.summary())
+    results["onnx"] = rep.to_dict()
+    if args.eval_onnx:
+        if world > 1:
+            raise SystemExit("error: --eval_onnx runs in one process; run it without torchrun")
+        t = time.perf_counter()
+        res = qx.evaluate_onnx(args.export_onnx, val, reference=rep.reference, progress=not args.no_progress)
+        timings["eval_onnx"] = time.perf_counter() - t
+        results["onnx"]["eval"] = res
+        rows.append((f"ORT int8 ({args.onnx_compensation} comp)",
+                     Accuracy(res["top1_onnx"], res["top5_onnx"], res["count"], timings["eval_onnx"])))
+        _log(f"onnxruntime int8: top-1 {res['top1_onnx']:.2f} vs fake-quant {res['top1_reference']:.2f}; "
+             f"identical predictions {100 * res['identical']:.2f} %; max relative logit difference "
+             f"{res['max_rel_logit_diff']:.4f}")
+
+
+def write_plot(results: dict[str, Any], path: str, title: str) -> str:
+    """Draw ``results`` (this module's JSON dict): top-1 per method and, when QwT ran, the per-block
+    output error to FP before/after QwT with R² (``qwt_core.plotting``). Returns the PNG path."""
+    from qwt_core.plotting import plot_accuracy, plot_summary
+
+    base = results.get("baseline", "quantized")
+    names = {"fp32": "FP32", "baseline": base, "qwt": f"{base} + QwT", "loaded": "loaded"}
+    setting = f"W{results['w_bit']}A{results['a_bit']}"
+    rows = [{"setting": setting, "method": names.get(k, k), "top1": acc["top1"], "std": None}
+            for k, acc in results["accuracy"].items() if k in names]
+    if results.get("qwt", {}).get("blocks"):
+        return plot_summary(rows, {"per-block output error to FP (calibration rows)": results["qwt"]["blocks"]},
+                            path, title)
+    return plot_accuracy(rows, path, title)
 
 
 def _finish(args: argparse.Namespace, results: dict[str, Any], rows, bits: str,
@@ -297,6 +414,9 @@ def _finish(args: argparse.Namespace, results: dict[str, Any], rows, bits: str,
     if is_main_process():
         print(format_results(args.model, bits, rows), flush=True)
         print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()), flush=True)
+        if getattr(args, "plot", None):
+            results["plot"] = write_plot(results, args.plot, f"{args.model} {bits}")
+            print(f"figure written to {results['plot']}", flush=True)
         path = args.output or default_output(args)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:

@@ -6,12 +6,14 @@ each with one sub-folder per class, as in ImageNet.
 from __future__ import annotations
 
 import os
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
+
+from qwt_core.distributed import ShardSampler  # moved to qwt_core; still importable from here
 
 from .models import ModelSpec
 
@@ -94,26 +96,56 @@ class CalibrationSet:
         return load_images(self.dataset, self.qwt_indices, batch_size, workers)
 
 
-class ShardSampler(Sampler[int]):
-    """Rank ``r`` of ``w`` takes indices ``r, r+w, r+2w, …`` — no padding, so no image is counted twice.
-
-    (``DistributedSampler`` pads the last round with repeated images so all ranks have the same length;
-    that is harmless for training but would double count in a top-1 sum.)
-    """
-
-    def __init__(self, n: int, rank: int = 0, world_size: int = 1) -> None:
-        self.n, self.rank, self.world_size = n, rank, world_size
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.n, self.world_size))
-
-    def __len__(self) -> int:
-        return len(range(self.rank, self.n, self.world_size))
-
-
 def val_loader(data_dir: str, spec: ModelSpec, img_size: int, batch_size: int, workers: int,
                rank: int = 0, world_size: int = 1) -> DataLoader:
     """``val/`` loader yielding ``(images (B, 3, H, W), targets (B,))``, this rank's shard only."""
     dataset = image_folder(data_dir, "val", eval_transform(spec, img_size))
     return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), rank, world_size),
                       num_workers=workers, pin_memory=torch.cuda.is_available(), drop_last=False)
+
+
+class SyntheticCalibrationSet:
+    """Calibration images from a synthetic set (``python -m cls_repq_vit.synthesize``), with the
+    interface of :class:`CalibrationSet`. The stored tensors are already normalised for the model.
+
+    Checks (one-line ``SystemExit``): the set exists, is complete and uncorrupted, was made from
+    ``model``'s weights (state-dict sha256), with the model's normalisation and ``img_size``, and
+    holds enough images.
+    """
+
+    def __init__(self, synth_dir: str, spec: ModelSpec, model_name: str, model: torch.nn.Module,
+                 img_size: int, calib_size: int, repq_calib_size: int, rank: int = 0,
+                 world_size: int = 1) -> None:
+        from qwt_core.synth_io import SynthSetError, load_synthetic_set, state_dict_sha256
+
+        if calib_size < world_size:
+            raise SystemExit(f"error: --calib_size {calib_size} is smaller than the {world_size} processes")
+        try:
+            self.synth = load_synthetic_set(synth_dir, task="classification", expected_teacher={
+                "model": model_name, "weights_sha256": state_dict_sha256(model)})
+        except SynthSetError as exc:
+            raise SystemExit(f"error: {exc}") from None
+        m = self.synth.manifest
+        if [round(v, 6) for v in m.mean] != [round(v, 6) for v in spec.mean] or \
+                [round(v, 6) for v in m.std] != [round(v, 6) for v in spec.std]:
+            raise SystemExit(f"error: {synth_dir} is normalised with mean {m.mean} / std {m.std}, "
+                             f"{model_name} with {list(spec.mean)} / {list(spec.std)}")
+        if list(m.image_size) != [img_size, img_size]:
+            raise SystemExit(f"error: {synth_dir} holds {m.image_size[0]}x{m.image_size[1]} images but "
+                             f"--img_size is {img_size}; synthesize at this size")
+        n_total = max(calib_size, repq_calib_size)
+        if len(self.synth) < n_total:
+            raise SystemExit(f"error: calibration needs {n_total} images but {synth_dir} has "
+                             f"{len(self.synth)}; lower --calib_size / --repq_calib_size or synthesize more")
+        self.indices = list(range(n_total))
+        self.repq_indices = self.indices[:repq_calib_size]
+        per_rank = calib_size // world_size
+        self.qwt_indices = self.indices[:calib_size][rank * per_rank:(rank + 1) * per_rank]
+
+    def repq_images(self, workers: int = 0) -> torch.Tensor:
+        """``(repq_calib_size, 3, H, W)``."""
+        return self.synth.images(self.repq_indices)
+
+    def qwt_batches(self, batch_size: int, workers: int = 0) -> list[torch.Tensor]:
+        """This rank's QwT calibration images as batches ``(≤batch_size, 3, H, W)``."""
+        return list(self.synth.batches(batch_size, self.qwt_indices))

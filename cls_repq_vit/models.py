@@ -78,7 +78,7 @@ class ModelSpec:
         """File names looked up in ``pretrained_weights/`` (first existing one wins)."""
         names = [self.hub_name + ext for ext in WEIGHT_EXTENSIONS]
         names += [self.name + ext for ext in WEIGHT_EXTENSIONS]
-        return names + [f for f in [self.upstream_file()] if f]
+        return names + [f for f in [self.upstream_file(), PAPER_WEIGHT_FILES.get(self.name)] if f]
 
     def upstream_file(self) -> Optional[str]:
         """File name of the original release (DeiT / Swin / torchvision / AugReg), from timm's cfg."""
@@ -166,6 +166,13 @@ def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
         return True
     except OSError:
         return False
+
+
+#: checkpoints behind the published ResNet rows that differ from the registry's tag: the QwT ResNet
+#: script loads BRECQ's ResNet-18 / ResNet-50 (torchvision layout, FP 71.0 / 76.6 in its table) and
+#: torchvision's ResNet-101 (= ``upstream_file``). Looked up last in ``pretrained_weights/``.
+PAPER_WEIGHT_FILES: dict[str, str] = {"resnet18": "resnet18_imagenet.pth.tar",
+                                      "resnet50": "resnet50_imagenet.pth.tar"}
 
 
 def _spec_list() -> list[ModelSpec]:

@@ -103,3 +103,77 @@ def shard(paths: Sequence[Path], rank: int, world_size: int) -> list[Path]:
     """This rank's share of ``paths`` (``paths[rank::world_size]``, equal sizes by truncation)."""
     per_rank = len(paths) // world_size
     return list(paths[rank::world_size])[:per_rank]
+
+
+class SyntheticCalibrationImages:
+    """Batches of a synthetic calibration set (``qwt_core.synth_io``, written by
+    ``tools/synthesize.py``) in the form :class:`CalibrationImages` yields:
+    ``{"inputs": (B, 3, size, size) float on device, "data_samples": [DetDataSample]}``.
+
+    The stored tensors are already in the detector's normalised input space, so the data preprocessor
+    is skipped; they are resized bilinearly to ``size`` (the QwT calibration size, 224 in the
+    reference) unless ``size`` is None. Labels are not used.
+    """
+
+    def __init__(self, synth_set: Any, indices: Sequence[int], batch_size: int, device: Any,
+                 size: int | None = None) -> None:
+        if batch_size < 1:
+            raise ValueError("calibration batch size must be >= 1")
+        self.synth_set, self.indices = synth_set, list(indices)
+        self.batch_size, self.device, self.size = batch_size, device, size
+
+    def __len__(self) -> int:
+        return (len(self.indices) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self) -> Iterator[dict]:
+        from mmdet.structures import DetDataSample
+
+        for s in range(0, len(self.indices), self.batch_size):
+            x = self.synth_set.images(self.indices[s:s + self.batch_size]).to(self.device)
+            if self.size is not None and tuple(x.shape[-2:]) != (self.size, self.size):
+                x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear",
+                                                    align_corners=False)
+            h, w = x.shape[-2:]
+            meta = dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w), batch_input_shape=(h, w),
+                        scale_factor=(1.0, 1.0))
+            yield {"inputs": x, "data_samples": [DetDataSample(metainfo=dict(meta)) for _ in range(len(x))]}
+
+
+def synthetic_calibration_set(synth_dir: str, mean: Sequence[float], std: Sequence[float],
+                              needed: int) -> Any:
+    """Open a detection synthetic set for calibration; :class:`DataError` (one line) when it is
+    missing, corrupt, unfinished, normalised differently from the detector or too small. The
+    teacher's weights are checked later, against the built model (:func:`check_synthetic_teacher`)."""
+    from qwt_core.synth_io import SynthSetError, load_synthetic_set
+
+    try:
+        synth = load_synthetic_set(synth_dir, task="detection")
+    except SynthSetError as exc:
+        raise DataError(str(exc)) from None
+    m = synth.manifest
+    if [round(v, 4) for v in m.mean] != [round(float(v), 4) for v in mean] or \
+            [round(v, 4) for v in m.std] != [round(float(v), 4) for v in std]:
+        raise DataError(f"{synth_dir} is normalised with mean {m.mean} / std {m.std}, the detector "
+                        f"with {list(mean)} / {list(std)}; synthesize it with this config")
+    if len(synth) < needed:
+        raise DataError(f"calibration needs {needed} images but {synth_dir} has {len(synth)}; "
+                        "lower --calib_size/--calib_batch or synthesize more")
+    return synth
+
+
+def check_synthetic_teacher(synth: Any, model: nn.Module, checkpoint: str) -> None:
+    """:class:`DataError` if ``synth`` was made from other weights than ``model``'s (FP, unquantized,
+    loaded from ``checkpoint``): compares the manifest's ``weights_sha256`` (state dict), else its
+    ``checkpoint_sha256`` (file)."""
+    from qwt_core.synth_io import file_sha256, state_dict_sha256
+
+    teacher = synth.manifest.teacher
+    if teacher.get("weights_sha256"):
+        same = teacher["weights_sha256"] == state_dict_sha256(model)
+    elif teacher.get("checkpoint_sha256"):
+        same = teacher["checkpoint_sha256"] == file_sha256(checkpoint)
+    else:
+        raise DataError(f"{synth.folder}/manifest.json names no teacher hash; synthesize the set again")
+    if not same:
+        raise DataError(f"{synth.folder} was synthesized from a different model "
+                        f"({synth.manifest.teacher.get('checkpoint')}); synthesize a set with this checkpoint")

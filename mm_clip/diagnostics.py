@@ -1,4 +1,7 @@
-"""Error measurements of a quantized tower against full precision, on the calibration data."""
+"""Error measurements of a quantized tower against full precision, on the calibration data.
+
+In a distributed run every rank measures its own calibration shard and the sums are all-reduced, so
+the figures are those of the whole calibration set."""
 from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Sequence
@@ -6,6 +9,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from qwt_core import CompensatedBlock, QuantizedModel, quant_disabled
+from qwt_core.distributed import all_reduce_sum
 
 
 @torch.no_grad()
@@ -20,8 +24,10 @@ def block_errors(qm: QuantizedModel, batches: Iterable[Any]) -> list[dict[str, f
     run = qm.run_block or (lambda i, block, x: block(x))
     sums = [[0.0, 0.0, 0.0, 0] for _ in qm.block_names]
     applied = [False] * len(qm.block_names)
+    device = torch.device("cpu")
     for batch in batches:
         x = qm.first_block_input(batch)
+        device = x.device
         for i, name in enumerate(qm.block_names):
             if i > 0 and qm.transition is not None:
                 x = qm.transition(i, x)
@@ -38,9 +44,10 @@ def block_errors(qm: QuantizedModel, batches: Iterable[Any]) -> list[dict[str, f
             s[2] += float(y_fp.double().pow(2).sum())
             s[3] += y_fp.numel()
             x = y_c
+    totals = all_reduce_sum(torch.tensor(sums, dtype=torch.float64, device=device)).tolist()  # NCCL: on GPU
     return [{"block": name, "compensated": applied[i], "mse_quant": s[0] / s[3],
              "mse_compensated": s[1] / s[3], "fp_power": s[2] / s[3]}
-            for i, (name, s) in enumerate(zip(qm.block_names, sums))]
+            for i, (name, s) in enumerate(zip(qm.block_names, totals))]
 
 
 @torch.no_grad()
@@ -50,6 +57,9 @@ def embeddings(encode: Callable[[torch.Tensor], torch.Tensor],
     return torch.cat([encode(b).float().cpu() for b in batches], dim=0)
 
 
-def relative_mse(x: torch.Tensor, reference: torch.Tensor) -> float:
-    """``‖x − ref‖² / ‖ref‖²``."""
-    return float((x - reference).double().pow(2).sum() / reference.double().pow(2).sum().clamp_min(1e-30))
+def relative_mse(x: torch.Tensor, reference: torch.Tensor, device: torch.device | str = "cpu") -> float:
+    """``‖x − ref‖² / ‖ref‖²`` over the rows of every rank (``device``: where the sums are all-reduced,
+    the GPU under NCCL)."""
+    sums = torch.stack([(x - reference).double().pow(2).sum(), reference.double().pow(2).sum()]).to(device)
+    num, den = all_reduce_sum(sums).tolist()
+    return num / max(den, 1e-30)

@@ -92,19 +92,25 @@ def resolve_pretrained(model_name: str, pretrained: Optional[str],
     return (local or pretrained), pretrained == "openai"
 
 
-def load_clip(model_name: str, source: Optional[str], device: torch.device, quick_gelu: bool = False
+def load_clip(model_name: str, source: Optional[str], device: torch.device, quick_gelu: bool = False,
+              preprocess_cfg: Optional[dict[str, Any]] = None
               ) -> tuple[nn.Module, Callable[[Any], torch.Tensor], Callable[[list[str]], torch.Tensor]]:
     """Create the open_clip model in fp32, eval mode, on ``device``.
 
     Returns ``(model, preprocess, tokenizer)``: ``preprocess`` maps a PIL image to ``(3, H, W)``,
     ``tokenizer`` a list of strings to ``(N, context_length)`` int64 tokens. A local OpenAI
     checkpoint needs ``quick_gelu=True`` (open_clip sets it itself for the ``openai`` tag).
+    ``preprocess_cfg`` (``model.visual.preprocess_cfg`` of a saved model) fixes the eval transform's
+    mean / std / interpolation / resize mode when rebuilding a model without its pretrained tag.
     """
     is_file = source is not None and os.path.isfile(source)
+    pp = preprocess_cfg or {}
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             model_name, pretrained=source, precision="fp32", device=device,
-            force_quick_gelu=quick_gelu and is_file)
+            force_quick_gelu=quick_gelu and (is_file or source is None), image_mean=pp.get("mean"),
+            image_std=pp.get("std"), image_interpolation=pp.get("interpolation"),
+            image_resize_mode=pp.get("resize_mode"))
     except RuntimeError as e:
         if source is None or is_file:
             raise
@@ -115,3 +121,41 @@ def load_clip(model_name: str, source: Optional[str], device: torch.device, quic
     model.eval()
     tokenizer = open_clip.get_tokenizer(model_name)
     return model, preprocess, tokenizer
+
+
+def uses_quick_gelu(model: nn.Module) -> bool:
+    """True if the model's residual blocks use QuickGELU (OpenAI weights)."""
+    return any(isinstance(m, open_clip.transformer.QuickGELU) for m in model.modules())
+
+
+def model_record(model_name: str, model: nn.Module) -> dict[str, Any]:
+    """What is needed to rebuild the architecture without the original files: name, open_clip config,
+    QuickGELU, eval preprocessing."""
+    pp = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
+    return {"model": model_name, "model_config": open_clip.get_model_config(model_name),
+            "quick_gelu": uses_quick_gelu(model),
+            "preprocess_cfg": {k: (list(v) if isinstance(v, tuple) else v) for k, v in pp.items()}}
+
+
+def register_saved_config(model_name: str, config: Optional[dict[str, Any]]) -> None:
+    """Make ``model_name`` known to open_clip with the saved ``config`` (a model saved from a
+    ``--model-config`` file reloads without that file). A registered name whose config differs is an
+    error naming the conflict."""
+    if config is None:
+        if model_name not in open_clip.list_models():
+            raise InputError(f"the saved model {model_name!r} is not an open_clip model and the file holds "
+                             "no config: pass --model-config with its config json")
+        return
+    if model_name in open_clip.list_models():
+        if open_clip.get_model_config(model_name) != config:
+            raise InputError(f"open_clip already knows a model {model_name!r} with another config than the "
+                             "saved one: rename the saved model's --model-config file")
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{model_name}.json"
+        path.write_text(json.dumps(config))
+        open_clip.add_model_config(path)
+        if model_name not in open_clip.list_models():  # pragma: no cover - open_clip API change
+            raise InputError(f"could not register the saved config of {model_name!r} with open_clip")

@@ -1,4 +1,9 @@
-"""RepQ-ViT (+ optional QwT) on one open_clip tower, with the qwt_core entry points."""
+"""RepQ-ViT (+ optional QwT) on one open_clip tower, with the qwt_core entry points.
+
+Calibration data: the RepQ-ViT batch (the first ``--repq-size`` drawn pairs) is the same on every
+rank, so every rank calibrates identical quantizers; QwT gets this rank's share of the drawn pairs
+and ``apply_qwt`` all-reduces the least-squares moments, so every rank fits the same compensation.
+"""
 from __future__ import annotations
 
 import time
@@ -9,7 +14,7 @@ import torch
 from torch import nn
 
 from qwt_core import QuantizedModel, calibrate_repq, compensate
-from qwt_core.adapters.open_clip import quantize_open_clip_text, quantize_open_clip_visual
+from qwt_core.adapters.open_clip import ZeroShotHead, quantize_open_clip_text, quantize_open_clip_visual
 
 from .diagnostics import block_errors, embeddings, relative_mse
 
@@ -18,19 +23,17 @@ from .diagnostics import block_errors, embeddings, relative_mse
 class PTQConfig:
     """How to quantize a tower.
 
-    ``repq_size`` calibration samples (the first of the drawn set) initialise the quantizers
-    (RepQ-ViT: 32); QwT uses all calibration batches. ``diagnostics`` measures per-block and embedding
-    errors to FP on the calibration data.
+    ``patch_embed_bits``: ``(weight bits, input bits)`` of the visual ``conv1`` (published: ``(W, 8)``).
+    ``diagnostics`` measures per-block and embedding errors to FP on the QwT calibration data.
     """
 
     w_bits: int
     a_bits: int
+    patch_embed_bits: tuple[int, int]
     qwerty: bool = False
     quant_attn_matmul: bool = False
     start_block: int = 0
-    repq_size: int = 32
     integer_zero_point: bool = False
-    patch_embed_bits: Optional[int] = None  # W and A bits of visual.conv1 (None: w_bits / a_bits)
     diagnostics: bool = False
     progress: bool = True
 
@@ -41,43 +44,49 @@ def split_batches(x: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
 
 
 def _quantize_tower(qm: QuantizedModel, encode: Callable[[torch.Tensor], torch.Tensor],
-                    calib: torch.Tensor, batch_size: int, cfg: PTQConfig, device: torch.device,
+                    repq: torch.Tensor, batches: list[torch.Tensor], cfg: PTQConfig, device: torch.device,
                     fp_embeddings: Optional[torch.Tensor]) -> dict[str, Any]:
-    """RepQ-ViT on ``calib[:repq_size]``, then QwT over all ``calib`` batches if ``cfg.qwerty``."""
-    batches = [b.to(device) for b in split_batches(calib, batch_size)]
+    """RepQ-ViT on ``repq`` (one batch), then QwT over this rank's ``batches`` if ``cfg.qwerty``."""
     t0 = time.perf_counter()
-    calibrate_repq(qm, calib[:cfg.repq_size].to(device), integer_zero_point=cfg.integer_zero_point)
-    report: dict[str, Any] = {"repq_samples": min(cfg.repq_size, len(calib)),
-                              "repq_seconds": time.perf_counter() - t0, "qwt": None}
+    calibrate_repq(qm, repq.to(device), integer_zero_point=cfg.integer_zero_point)
+    report: dict[str, Any] = {"repq_samples": len(repq), "repq_seconds": time.perf_counter() - t0,
+                              "qwt": None}
     if fp_embeddings is not None:
-        report["embedding_rel_mse_repq"] = relative_mse(embeddings(encode, batches), fp_embeddings)
+        report["embedding_rel_mse_repq"] = relative_mse(embeddings(encode, batches), fp_embeddings, device)
     if cfg.qwerty:
         qwt = compensate(qm, batches, start_block=cfg.start_block, progress=cfg.progress)
         report["qwt"] = qwt.to_dict()
-        report["qwt_samples"] = len(calib)
         if cfg.progress:
             print(qwt.format_table())
         if fp_embeddings is not None:
-            report["embedding_rel_mse_repq_qwt"] = relative_mse(embeddings(encode, batches), fp_embeddings)
+            report["embedding_rel_mse_repq_qwt"] = relative_mse(embeddings(encode, batches), fp_embeddings,
+                                                                device)
     if cfg.diagnostics:
         report["block_errors"] = block_errors(qm, batches)
     return report
 
 
-def quantize_visual(model: nn.Module, images: torch.Tensor, batch_size: int, cfg: PTQConfig,
-                    device: torch.device) -> tuple[QuantizedModel, dict[str, Any]]:
-    """Quantize ``model.visual`` in place; ``images`` ``(N, 3, H, W)`` are the calibration images."""
-    batches = [b.to(device) for b in split_batches(images, batch_size)]
+def quantize_visual(model: nn.Module, repq_images: torch.Tensor, qwt_images: torch.Tensor, batch_size: int,
+                    cfg: PTQConfig, device: torch.device, head: Optional[ZeroShotHead] = None
+                    ) -> tuple[QuantizedModel, dict[str, Any]]:
+    """Quantize ``model.visual`` in place.
+
+    ``repq_images`` ``(R, 3, H, W)``: the RepQ-ViT batch; ``qwt_images`` ``(N_rank, 3, H, W)``: this
+    rank's QwT calibration images. A (quantized) zero-shot ``head`` is calibrated on the RepQ-ViT batch
+    together with the tower (its input = the tower's normalised output).
+    """
+    batches = [b.to(device) for b in split_batches(qwt_images, batch_size)]
     fp = embeddings(model.encode_image, batches) if cfg.diagnostics else None
-    patch = None if cfg.patch_embed_bits is None else (cfg.patch_embed_bits, cfg.patch_embed_bits)
-    qm = quantize_open_clip_visual(model.visual, cfg.w_bits, cfg.a_bits, cfg.quant_attn_matmul, patch)
-    return qm, _quantize_tower(qm, model.encode_image, images, batch_size, cfg, device, fp)
+    qm = quantize_open_clip_visual(model.visual, cfg.w_bits, cfg.a_bits, cfg.quant_attn_matmul,
+                                   cfg.patch_embed_bits, head=head)
+    return qm, _quantize_tower(qm, model.encode_image, repq_images, batches, cfg, device, fp)
 
 
-def quantize_text(model: nn.Module, tokens: torch.Tensor, batch_size: int, cfg: PTQConfig,
-                  device: torch.device) -> tuple[QuantizedModel, dict[str, Any]]:
-    """Quantize the text transformer in place; ``tokens`` ``(N, L)`` are the calibration captions."""
-    batches = [b.to(device) for b in split_batches(tokens, batch_size)]
+def quantize_text(model: nn.Module, repq_tokens: torch.Tensor, qwt_tokens: torch.Tensor, batch_size: int,
+                  cfg: PTQConfig, device: torch.device) -> tuple[QuantizedModel, dict[str, Any]]:
+    """Quantize the text transformer in place; ``repq_tokens`` ``(R, L)`` / ``qwt_tokens``
+    ``(N_rank, L)`` are the RepQ-ViT batch and this rank's QwT captions."""
+    batches = [b.to(device) for b in split_batches(qwt_tokens, batch_size)]
     fp = embeddings(model.encode_text, batches) if cfg.diagnostics else None
     qm = quantize_open_clip_text(model, cfg.w_bits, cfg.a_bits, cfg.quant_attn_matmul)
-    return qm, _quantize_tower(qm, model.encode_text, tokens, batch_size, cfg, device, fp)
+    return qm, _quantize_tower(qm, model.encode_text, repq_tokens, batches, cfg, device, fp)

@@ -1,22 +1,48 @@
-"""Closed-form QwT compensation: streaming least squares and the compensation layers.
+"""Closed-form QwT compensation: streaming least squares, the held-out gate and the compensation layers.
 
 The targets are ``Y = block_fp(X) - block_q(X)``. Instead of stacking every calibration token, the
-normal equations ``AᵀA`` and ``AᵀY`` of ``A = [X, 1]`` are accumulated batch by batch in float64
-(memory ``O(d²)``), all-reduced across ranks, and solved by Cholesky (with a growing ridge only if
-``AᵀA`` is not positive definite).
+moments ``AᵀA``, ``AᵀY`` and ``YᵀY`` of ``A = [X, 1]`` are accumulated batch by batch in float64
+(memory ``O(d²)``) and all-reduced across ranks. Every row goes to one of two parts, *fit* (part 0)
+or *held-out* (part 1); the engine decides which (see :func:`qwt_core.qwt.apply_qwt`). Both parts
+together are all the rows, so a held-out split costs no extra pass, only a second set of moments.
+
+Two solvers:
+
+* the **reference** solver (``gate="insample"``, what the papers do): ``(AᵀA + λI)Θ = AᵀY`` on all
+  rows by Cholesky (λ on every column including the intercept; a growing jitter only if ``AᵀA`` is
+  not positive definite), compensate when the in-sample R² > 0;
+* the **held-out** solver (``gate="holdout"``, the default): centred features, the eigen-decomposition
+  of their covariance, directions whose eigenvalue is ``<= null_rtol · max eigenvalue`` dropped
+  (minimum-norm solution: no weight along directions the data never excites), a ridge λ on the
+  weights only (the intercept is never shrunk). λ is picked from a grid by the validation residual
+  (a quadratic form in Θ of the held-out moments); the block is compensated only if the held-out
+  R² > 0; the final Θ is refit on all rows with the chosen λ.
 
 * :class:`TokenLeastSquares` - one Linear over the last dim (ViT/DeiT/Swin/CLIP tokens).
-* :class:`GroupedConvLeastSquares` - one grouped k×k conv (ResNet blocks), ridge per group.
+* :class:`GroupedConvLeastSquares` - one grouped k×k conv (ResNet blocks), solved per group.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Literal, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .distributed import all_reduce_sum
+
+#: ridge grid of the held-out gate, as multiples of the mean eigenvalue of the centred feature
+#: covariance (``trace(Cxx)/d``) of the rows being fitted.
+RIDGE_GRID: tuple[float, ...] = (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+#: eigenvalues of the centred feature covariance ``<= NULL_RTOL · max eigenvalue`` count as the
+#: numerical null space (directions the calibration data never excites).
+NULL_RTOL: float = 1e-10
+
+Gate = Literal["holdout", "insample"]
+Ridge = Union[float, Literal["auto"], None]
+ConvR2Mean = Literal["channel", "channel_position"]
 
 
 def _all_reduce_(*tensors: torch.Tensor) -> None:
@@ -62,91 +88,373 @@ def r2_from_moments(ata: torch.Tensor, aty: torch.Tensor, yy: torch.Tensor,
     return float(1.0 - ss_res / ss_tot)
 
 
-@dataclass
-class Fit:
-    """Result of a solve: the compensation layer and its R² on the calibration data."""
+def _r2(ss_res: float, ss_tot: float) -> float:
+    if ss_tot <= 0:
+        return float("-inf") if ss_res > 0 else 0.0
+    return 1.0 - ss_res / ss_tot
 
-    module: nn.Module
-    r2: float
+
+@dataclass
+class Stats:
+    """Moments of one set of rows (fit, held-out or all), batched over ``G`` groups.
+
+    ata: ``(G, D, D)`` with the constant column last (``D = features + 1``); aty: ``(G, D, m)``;
+    yy: ``Σ y²`` over all groups; ss_tot: ``Σ (y - mean)²`` with the fitter's mean; rows: real rows
+    (per group).
+    """
+
+    ata: torch.Tensor
+    aty: torch.Tensor
+    yy: torch.Tensor
+    ss_tot: torch.Tensor
     rows: int
 
+    def ss_res(self, theta: torch.Tensor) -> float:
+        """``Σ (y - AΘ)²`` of these rows for ``theta`` ``(G, D, m)``: a quadratic form of the moments."""
+        return float(self.yy - 2 * (theta * self.aty).sum() + (theta * (self.ata @ theta)).sum())
 
-class TokenLeastSquares:
-    """Accumulates ``[X, 1]ᵀ[X, 1]`` and ``[X, 1]ᵀY`` for token features (channels last).
+    def r2(self, theta: torch.Tensor) -> float:
+        return _r2(self.ss_res(theta), float(self.ss_tot))
 
-    ``update(x, y)`` takes x: ``(..., d_in)``, y: ``(..., d_out)`` (same leading dims); the leading dims
-    are flattened into rows. ``solve()`` gives an ``nn.Linear(d_in, d_out)`` with
-    ``weight = Wᵀ`` and ``bias = b`` of ``y ≈ x·W + b``.
+
+class _CentredSystem:
+    """Least squares with a free intercept on centred features, via ``eigh`` of their covariance.
+
+    For ``λ`` ``(G,)``: ``W = Σ_{e_i > tol} v_i v_iᵀ Cxy / (e_i + λ)``, ``b = ȳ - μᵀW``; directions
+    with ``e_i <= null_rtol · e_max`` get no weight (minimum norm), the intercept is never shrunk.
+    """
+
+    def __init__(self, ata: torch.Tensor, aty: torch.Tensor, null_rtol: float) -> None:
+        d = ata.shape[-1] - 1
+        n = ata[:, d, d]
+        n_safe = n.clamp_min(1e-30)[:, None]
+        self.mu = ata[:, :d, d] / n_safe                      # (G, d)
+        self.ybar = aty[:, d, :] / n_safe                     # (G, m)
+        cxx = ata[:, :d, :d] - n[:, None, None] * self.mu[:, :, None] * self.mu[:, None, :]
+        cxy = aty[:, :d, :] - n[:, None, None] * self.mu[:, :, None] * self.ybar[:, None, :]
+        cxx = 0.5 * (cxx + cxx.transpose(1, 2))
+        e, v = torch.linalg.eigh(cxx)
+        e_max = e[:, -1:].clamp_min(0.0)
+        self.keep = (e > null_rtol * e_max) & (e_max > 0)
+        self.e, self.v = e, v
+        self.z = v.transpose(1, 2) @ cxy                      # (G, d, m)
+        self.scale = e.clamp_min(0.0).mean(-1)                # (G,) mean eigenvalue = trace(Cxx)/d
+        self.rank_deficiency = int((~self.keep).sum())
+
+    def theta(self, lam: torch.Tensor) -> torch.Tensor:
+        """``(G, D, m)`` solution for the per-group ridge ``lam`` ``(G,)``."""
+        denom = torch.where(self.keep, self.e + lam[:, None], torch.ones_like(self.e))
+        f = torch.where(self.keep, 1.0 / denom, torch.zeros_like(self.e))
+        w = self.v @ (f[:, :, None] * self.z)                 # (G, d, m)
+        b = self.ybar - (self.mu[:, None, :] @ w).squeeze(1)  # (G, m)
+        return torch.cat([w, b[:, None, :]], dim=1)
+
+
+def rank_deficiency(ata: torch.Tensor, null_rtol: float = NULL_RTOL) -> int:
+    """Number of numerically null directions of the centred feature covariance (summed over groups).
+
+    ata: ``(G, D, D)`` or ``(D, D)`` moments with the constant column last.
+    """
+    if ata.dim() == 2:
+        ata = ata[None]
+    d = ata.shape[-1] - 1
+    n = ata[:, d, d]
+    mu = ata[:, :d, d] / n.clamp_min(1e-30)[:, None]
+    cxx = ata[:, :d, :d] - n[:, None, None] * mu[:, :, None] * mu[:, None, :]
+    e = torch.linalg.eigvalsh(0.5 * (cxx + cxx.transpose(1, 2)))
+    e_max = e[:, -1:].clamp_min(0.0)
+    return int(((e <= null_rtol * e_max) | (e_max <= 0)).sum())
+
+
+@dataclass
+class Fit:
+    """Result of a solve: the compensation layer and what the gate saw.
+
+    ``r2`` is the R² the decision used (held-out for ``gate="holdout"``, in-sample otherwise);
+    ``theta`` ``(G, D, m)`` float64 is the solution (constant row last); ``ridge`` the absolute λ of the
+    final solve (mean over groups), ``ridge_rel`` the chosen grid multiple (None for a fixed λ);
+    ``mse_before``/``mse_after``: mean squared error of the block output vs FP on all calibration rows
+    without / with the compensation (``mse_after == mse_before`` when not applied).
+    """
+
+    module: nn.Module
+    r2: Optional[float]
+    rows: int
+    theta: Optional[torch.Tensor] = None
+    applied: bool = False
+    r2_insample: Optional[float] = None
+    r2_heldout: Optional[float] = None
+    rows_heldout: int = 0
+    ridge: Optional[float] = None
+    ridge_rel: Optional[float] = None
+    mse_before: Optional[float] = None
+    mse_after: Optional[float] = None
+    rank_deficiency: Optional[int] = None
+
+
+def _check_gate_args(gate: str, ridge: Ridge) -> None:
+    if gate not in ("holdout", "insample"):
+        raise ValueError(f"gate={gate!r}: use 'holdout' (default) or 'insample' (the papers' rule)")
+    if ridge is not None and ridge != "auto":
+        if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not math.isfinite(ridge) \
+                or ridge < 0:
+            raise ValueError(f"ridge={ridge!r}: use 'auto', None or a finite float >= 0")
+    if gate == "insample" and ridge == "auto":
+        raise ValueError("ridge='auto' picks λ on held-out rows: use gate='holdout', or a float ridge "
+                         "(or None for the reference λ) with gate='insample'")
+
+
+class _LeastSquares:
+    """Shared solve/gate logic; subclasses accumulate the moments of parts 0 (fit) and 1 (held-out)."""
+
+    ridge: float
+    n_out: int
+
+    def _stats(self, parts: Sequence[int]) -> Stats:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _module(self, theta: torch.Tensor) -> nn.Module:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def stats(self, part: Literal["fit", "heldout", "all"] = "all") -> Stats:
+        """Moments of the fit rows, the held-out rows or all rows."""
+        return self._stats({"fit": (0,), "heldout": (1,), "all": (0, 1)}[part])
+
+    @torch.no_grad()
+    def solve(self) -> Fit:
+        """Reference solve on all rows with the fixed ``self.ridge``; ``r2`` is the in-sample R²."""
+        return self.fit(gate="insample", ridge=self.ridge)
+
+    @torch.no_grad()
+    def fit(self, gate: Gate = "holdout", ridge: Ridge = None, null_rtol: float = NULL_RTOL,
+            grid: Sequence[float] = RIDGE_GRID) -> Fit:
+        """Solve and decide whether to compensate.
+
+        gate ``"insample"``: reference Cholesky solve with λ = ``ridge`` (None: ``self.ridge``) on all
+        rows, applied iff in-sample R² > 0 (a held-out R² of the same solver fitted on the fit rows is
+        reported when there are held-out rows). gate ``"holdout"``: λ from ``grid`` (``ridge="auto"`` or
+        None) or fixed (a float), chosen and judged on the held-out rows, refit on all rows.
+        """
+        _check_gate_args(gate, ridge)
+        every, fit_s, val = self._stats((0, 1)), self._stats((0,)), self._stats((1,))
+        if every.rows == 0:
+            raise ValueError("QwT least squares saw no rows (every row masked out?)")
+        ridge_rel: Optional[float] = None
+        if gate == "insample":
+            lam = float(self.ridge if ridge is None else ridge)
+            theta = solve_normal_equations(every.ata, every.aty, lam)
+            r2_in = every.r2(theta)
+            r2_ho = None
+            if val.rows > 0 and fit_s.rows > 0:
+                r2_ho = val.r2(solve_normal_equations(fit_s.ata, fit_s.aty, lam))
+            rank_def = rank_deficiency(every.ata, null_rtol)
+            applied, r2, lam_report = r2_in > 0, r2_in, lam
+        else:
+            if val.rows == 0 or fit_s.rows == 0:
+                raise ValueError(f"gate='holdout' needs fit and held-out rows, got {fit_s.rows} fit and "
+                                 f"{val.rows} held-out rows: pass more calibration samples or "
+                                 "gate='insample'")
+            system = _CentredSystem(fit_s.ata, fit_s.aty, null_rtol)
+            auto = ridge is None or ridge == "auto"
+            candidates = [float(g) for g in grid] if auto else [float(ridge)]
+            best_ss, best = float("inf"), candidates[0]
+            for c in candidates:
+                lam_t = c * system.scale if auto else torch.full_like(system.scale, c)
+                ss = val.ss_res(system.theta(lam_t))
+                if ss < best_ss:  # ties keep the smaller λ (grid is increasing)
+                    best_ss, best = ss, c
+            r2_ho = _r2(best_ss, float(val.ss_tot))
+            full = _CentredSystem(every.ata, every.aty, null_rtol)
+            lam_t = best * full.scale if auto else torch.full_like(full.scale, best)
+            theta = full.theta(lam_t)
+            r2_in = every.r2(theta)
+            rank_def = full.rank_deficiency
+            ridge_rel = best if auto else None
+            applied, r2, lam_report = r2_ho > 0, r2_ho, float(lam_t.mean())
+        n_el = every.rows * self.n_out
+        mse_before = float(every.yy) / n_el
+        mse_after = every.ss_res(theta) / n_el if applied else mse_before
+        return Fit(module=self._module(theta), r2=r2, rows=every.rows, theta=theta, applied=applied,
+                   r2_insample=r2_in, r2_heldout=r2_ho, rows_heldout=val.rows, ridge=lam_report,
+                   ridge_rel=ridge_rel, mse_before=mse_before, mse_after=max(mse_after, 0.0),
+                   rank_deficiency=rank_def)
+
+    def finite(self) -> tuple[bool, bool]:
+        """``(features finite, targets finite)`` of the accumulated moments."""
+        x_ok = all(bool(torch.isfinite(t).all()) for t in self._x_moments())
+        y_ok = all(bool(torch.isfinite(t).all()) for t in self._y_moments())
+        return x_ok, y_ok
+
+    def _x_moments(self) -> list[torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _y_moments(self) -> list[torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def rows(self, parts: Sequence[int] = (0, 1)) -> int:  # pragma: no cover - abstract
+        """Real rows accumulated in ``parts`` (0: fit, 1: held-out), per group."""
+        raise NotImplementedError
+
+
+def _split_rows(heldout: Union[None, bool, torch.Tensor], n_samples: int):
+    """``[(part, sample_index or None)]`` for a batch: whole batch to one part, or split by dim 0."""
+    if heldout is None or isinstance(heldout, bool):
+        return [(int(bool(heldout)), None)]
+    hv = torch.as_tensor(heldout, dtype=torch.bool).reshape(-1).cpu()
+    if hv.numel() != n_samples:
+        raise ValueError(f"held-out flags have {hv.numel()} entries, the batch has {n_samples} samples")
+    if bool(hv.all()):
+        return [(1, None)]
+    if not bool(hv.any()):
+        return [(0, None)]
+    return [(0, torch.nonzero(~hv).flatten()), (1, torch.nonzero(hv).flatten())]
+
+
+def _binary_mask(mask: torch.Tensor) -> torch.Tensor:
+    if mask.dtype == torch.bool:
+        return mask
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("row_mask must be bool or 0/1 (1 = real row, 0 = padding); got other values")
+    return mask != 0
+
+
+class TokenLeastSquares(_LeastSquares):
+    """Accumulates ``[X, 1]ᵀ[X, 1]``, ``[X, 1]ᵀY`` and ``YᵀY`` for token features (channels last).
+
+    ``update(x, y, mask=None, heldout=None)`` takes x: ``(..., d_in)``, y: ``(..., d_out)`` (same leading
+    dims, flattened into rows); ``mask`` ``x.shape[:-1]`` (bool or 0/1) drops rows with 0 from every
+    moment; ``heldout`` is None/False (all rows to the fit part), True (all to the held-out part) or a
+    bool tensor ``(x.shape[0],)`` splitting by index along dim 0. ``solve()``/``fit()`` give an
+    ``nn.Linear(d_in, d_out)`` with ``weight = Wᵀ`` and ``bias = b`` of ``y ≈ x·W + b``.
     """
 
     def __init__(self, d_in: int, d_out: int, device: torch.device | str = "cpu",
                  ridge: float = 0.0, dtype: torch.dtype = torch.float64) -> None:
-        self.d_in, self.d_out, self.ridge, self.dtype = d_in, d_out, ridge, dtype
-        self.xtx = torch.zeros(d_in, d_in, dtype=dtype, device=device)
-        self.x_sum = torch.zeros(d_in, dtype=dtype, device=device)
-        self.xty = torch.zeros(d_in, d_out, dtype=dtype, device=device)
-        self.y_sum = torch.zeros(d_out, dtype=dtype, device=device)
-        self.yy = torch.zeros((), dtype=dtype, device=device)
-        self.n = torch.zeros((), dtype=dtype, device=device)
+        self.d_in, self.d_out, self.n_out, self.ridge, self.dtype = d_in, d_out, d_out, ridge, dtype
+        self.device = torch.device(device)
+
+        def zeros(*shape):
+            return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(2)]
+
+        self.xtx, self.x_sum = zeros(d_in, d_in), zeros(d_in)
+        self.xty, self.y_sum = zeros(d_in, d_out), zeros(d_out)
+        self.yy, self.n = zeros(), zeros()
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        x = x.reshape(-1, self.d_in).to(self.dtype)
-        y = y.reshape(-1, self.d_out).to(self.dtype)
-        self.xtx.addmm_(x.T, x)
-        self.xty.addmm_(x.T, y)
-        self.x_sum += x.sum(0)
-        self.y_sum += y.sum(0)
-        self.yy += y.pow(2).sum()
-        self.n += x.shape[0]
+    def update(self, x: torch.Tensor, y: torch.Tensor, mask: Optional[torch.Tensor] = None,
+               heldout: Union[None, bool, torch.Tensor] = None) -> None:
+        if mask is not None and tuple(mask.shape) != tuple(x.shape[:-1]):
+            raise ValueError(f"row_mask has shape {tuple(mask.shape)}, expected x.shape[:-1] = "
+                             f"{tuple(x.shape[:-1])}")
+        for part, idx in _split_rows(heldout, x.shape[0] if x.dim() > 1 else 1):
+            xp, yp, mp = x, y, mask
+            if idx is not None:
+                dev_idx = idx.to(x.device)
+                xp, yp = x.index_select(0, dev_idx), y.index_select(0, dev_idx.to(y.device))
+                mp = None if mask is None else mask.index_select(0, idx.to(mask.device))
+            self._update_part(part, xp, yp, mp)
 
-    def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _update_part(self, p: int, x: torch.Tensor, y: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+        x = x.reshape(-1, self.d_in)
+        y = y.reshape(-1, self.d_out)
+        if mask is not None:
+            keep = _binary_mask(mask.reshape(-1)).to(x.device)
+            x, y = x[keep], y[keep.to(y.device)]
+        x = x.to(self.dtype)
+        y = y.to(self.dtype)
+        self.xtx[p].addmm_(x.T, x)
+        self.xty[p].addmm_(x.T, y)
+        self.x_sum[p] += x.sum(0)
+        self.y_sum[p] += y.sum(0)
+        self.yy[p] += y.pow(2).sum()
+        self.n[p] += x.shape[0]
+
+    def moments(self, parts: Sequence[int] = (0, 1)) -> tuple[torch.Tensor, torch.Tensor]:
         """``(AᵀA, AᵀY)`` with the constant column last: ``(d_in+1, d_in+1)``, ``(d_in+1, d_out)``."""
         d = self.d_in
-        ata = self.xtx.new_zeros(d + 1, d + 1)
-        ata[:d, :d] = self.xtx
-        ata[:d, d] = self.x_sum
-        ata[d, :d] = self.x_sum
-        ata[d, d] = self.n
-        aty = torch.cat([self.xty, self.y_sum[None]], dim=0)
+        xtx = sum(self.xtx[p] for p in parts)
+        x_sum = sum(self.x_sum[p] for p in parts)
+        ata = xtx.new_zeros(d + 1, d + 1)
+        ata[:d, :d] = xtx
+        ata[:d, d] = x_sum
+        ata[d, :d] = x_sum
+        ata[d, d] = sum(self.n[p] for p in parts)
+        aty = torch.cat([sum(self.xty[p] for p in parts), sum(self.y_sum[p] for p in parts)[None]], dim=0)
         return ata, aty
 
+    def _stats(self, parts: Sequence[int]) -> Stats:
+        ata, aty = self.moments(parts)
+        n = ata[-1, -1]
+        yy = sum(self.yy[p] for p in parts)
+        ss_tot = yy - aty[-1].pow(2).sum() / n.clamp_min(1e-30)
+        return Stats(ata[None], aty[None], yy, ss_tot, int(round(float(n))))
+
     def all_reduce(self) -> None:
-        _all_reduce_(self.xtx, self.x_sum, self.xty, self.y_sum, self.yy, self.n)
+        _all_reduce_(*self.xtx, *self.x_sum, *self.xty, *self.y_sum, *self.yy, *self.n)
 
-    @torch.no_grad()
-    def solve(self) -> Fit:
-        ata, aty = self.moments()
-        theta = solve_normal_equations(ata, aty, self.ridge)
-        layer = nn.Linear(self.d_in, self.d_out, bias=True, device=self.xtx.device)
-        layer.weight.copy_(theta[:-1].T.float())
-        layer.bias.copy_(theta[-1].float())
-        return Fit(layer, r2_from_moments(ata, aty, self.yy, theta), int(self.n))
+    @property
+    def features(self) -> int:
+        """Columns of ``A`` (inputs + intercept)."""
+        return self.d_in + 1
+
+    def rows(self, parts: Sequence[int] = (0, 1)) -> int:
+        return int(round(float(sum(self.n[p] for p in parts))))
+
+    def _x_moments(self) -> list[torch.Tensor]:
+        return [*self.xtx, *self.x_sum]
+
+    def _y_moments(self) -> list[torch.Tensor]:
+        return [*self.xty, *self.y_sum, *self.yy]
+
+    def _module(self, theta: torch.Tensor) -> nn.Module:
+        theta = theta[0]
+        layer = nn.Linear(self.d_in, self.d_out, bias=True, device=self.device)
+        with torch.no_grad():
+            layer.weight.copy_(theta[:-1].T.float())
+            layer.bias.copy_(theta[-1].float())
+        return layer
 
 
-class GroupedConvLeastSquares:
-    """Per-group ridge least squares for QwT's ResNet form: a grouped k×k conv on the block input.
+class GroupedConvLeastSquares(_LeastSquares):
+    """Per-group least squares for QwT's ResNet form: a grouped k×k conv on the block input.
 
     x: ``(B, C_in, H, W)``, y: ``(B, C_out, H', W')``. ``groups = max(1, C_in // group_channels)``,
     stride ``H // H'``, padding ``k // 2``. Each group's unfolded patches
     ``(B·H'·W', C_in/groups·k²)`` plus a constant column are regressed on its ``C_out/groups``
-    output channels with ``(AᵀA + λI)⁻¹AᵀY``.
+    output channels (reference solve: ``(AᵀA + λI)⁻¹AᵀY``, λ on every column).
+
+    ``r2_mean`` sets SS_tot of the R²: ``"channel_position"`` (default; the published ResNet code)
+    around the per-(channel, h, w) mean over the samples, ``"channel"`` around the per-channel mean
+    over samples and positions. ``out_hw`` ``(H', W')`` pre-allocates the per-position sums (needed
+    under torch.distributed, where every rank must hold the same tensors).
     """
 
     def __init__(self, c_in: int, c_out: int, stride: int, kernel_size: int = 1,
                  group_channels: int = 64, ridge: float = 1e-3, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float64) -> None:
+                 dtype: torch.dtype = torch.float64, r2_mean: ConvR2Mean = "channel_position",
+                 out_hw: Optional[tuple[int, int]] = None) -> None:
+        if r2_mean not in ("channel", "channel_position"):
+            raise ValueError(f"conv_r2_mean={r2_mean!r}: use 'channel_position' or 'channel'")
         groups = max(1, c_in // group_channels)
         if c_in % groups or c_out % groups:
             groups = 1
-        self.c_in, self.c_out, self.groups = c_in, c_out, groups
+        self.c_in, self.c_out, self.n_out, self.groups = c_in, c_out, c_out, groups
         self.k, self.stride, self.padding = kernel_size, stride, kernel_size // 2
-        self.ridge, self.dtype = ridge, dtype
+        self.ridge, self.dtype, self.r2_mean = ridge, dtype, r2_mean
+        self.device = torch.device(device)
         d = c_in // groups * kernel_size ** 2 + 1
         m = c_out // groups
-        self.ata = torch.zeros(groups, d, d, dtype=dtype, device=device)
-        self.aty = torch.zeros(groups, d, m, dtype=dtype, device=device)
-        self.yy = torch.zeros((), dtype=dtype, device=device)
+        self.ata = [torch.zeros(groups, d, d, dtype=dtype, device=device) for _ in range(2)]
+        self.aty = [torch.zeros(groups, d, m, dtype=dtype, device=device) for _ in range(2)]
+        self.yy = [torch.zeros((), dtype=dtype, device=device) for _ in range(2)]
+        self.n_samples = [torch.zeros((), dtype=dtype, device=device) for _ in range(2)]
+        self.y_pos_sum: Optional[list[torch.Tensor]] = None
+        if out_hw is not None:
+            self._alloc_pos(tuple(out_hw))
+
+    def _alloc_pos(self, hw: tuple[int, int]) -> None:
+        self.y_pos_sum = [torch.zeros(self.c_out, *hw, dtype=self.dtype, device=self.device)
+                          for _ in range(2)]
 
     def _patches(self, x: torch.Tensor) -> torch.Tensor:
         """``(G, B·L, C_in/G·k² + 1)`` unfolded patches with a constant column."""
@@ -156,31 +464,73 @@ class GroupedConvLeastSquares:
         return torch.cat([cols, cols.new_ones(self.groups, b * length, 1)], dim=2)
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def update(self, x: torch.Tensor, y: torch.Tensor, mask: Optional[torch.Tensor] = None,
+               heldout: Union[None, bool, torch.Tensor] = None) -> None:
+        if mask is not None:
+            raise ValueError("row_mask is supported for the token form only (conv blocks have no padding rows)")
+        for part, idx in _split_rows(heldout, x.shape[0]):
+            xp, yp = x, y
+            if idx is not None:
+                xp, yp = x.index_select(0, idx.to(x.device)), y.index_select(0, idx.to(y.device))
+            self._update_part(part, xp, yp)
+
+    def _update_part(self, p: int, x: torch.Tensor, y: torch.Tensor) -> None:
         a = self._patches(x)
         b, _, h, w = y.shape
         if a.shape[1] != b * h * w:
             raise ValueError(f"compensation conv (k={self.k}, stride={self.stride}) gives "
                              f"{a.shape[1] // b} positions, the block output has {h}x{w}")
-        t = y.to(self.dtype).reshape(b, self.groups, -1, h * w).permute(1, 0, 3, 2).reshape(self.groups, b * h * w, -1)
-        self.ata += a.transpose(1, 2) @ a
-        self.aty += a.transpose(1, 2) @ t
-        self.yy += t.pow(2).sum()
+        yd = y.to(self.dtype)
+        t = yd.reshape(b, self.groups, -1, h * w).permute(1, 0, 3, 2).reshape(self.groups, b * h * w, -1)
+        self.ata[p] += a.transpose(1, 2) @ a
+        self.aty[p] += a.transpose(1, 2) @ t
+        self.yy[p] += t.pow(2).sum()
+        self.n_samples[p] += b
+        if self.y_pos_sum is None:
+            self._alloc_pos((h, w))
+        if tuple(self.y_pos_sum[p].shape[1:]) != (h, w):
+            raise ValueError(f"block outputs of {h}x{w} after {tuple(self.y_pos_sum[p].shape[1:])}: the "
+                             "per-(channel, position) R² needs one output size; use conv_r2_mean='channel'")
+        self.y_pos_sum[p] += yd.sum(0)
+
+    def _stats(self, parts: Sequence[int]) -> Stats:
+        ata = sum(self.ata[p] for p in parts)
+        aty = sum(self.aty[p] for p in parts)
+        yy = sum(self.yy[p] for p in parts)
+        n = ata[0, -1, -1]
+        if self.r2_mean == "channel" or self.y_pos_sum is None:
+            ss_tot = yy - (aty[:, -1, :].pow(2).sum(-1) / n.clamp_min(1e-30)).sum()
+        else:
+            ns = sum(self.n_samples[p] for p in parts)
+            ss_tot = yy - sum(self.y_pos_sum[p] for p in parts).pow(2).sum() / ns.clamp_min(1e-30)
+        return Stats(ata, aty, yy, ss_tot, int(round(float(n))))
 
     def all_reduce(self) -> None:
-        _all_reduce_(self.ata, self.aty, self.yy)
+        _all_reduce_(*self.ata, *self.aty, *self.yy, *self.n_samples, *(self.y_pos_sum or []))
 
-    @torch.no_grad()
-    def solve(self) -> Fit:
-        theta = solve_normal_equations(self.ata, self.aty, self.ridge)  # (G, d, m)
+    @property
+    def features(self) -> int:
+        """Columns of ``A`` per group (inputs·k² + intercept)."""
+        return self.ata[0].shape[-1]
+
+    def rows(self, parts: Sequence[int] = (0, 1)) -> int:
+        return int(round(float(sum(self.ata[p][0, -1, -1] for p in parts))))
+
+    def _x_moments(self) -> list[torch.Tensor]:
+        return list(self.ata)
+
+    def _y_moments(self) -> list[torch.Tensor]:
+        return [*self.aty, *self.yy, *(self.y_pos_sum or [])]
+
+    def _module(self, theta: torch.Tensor) -> nn.Module:
         conv = nn.Conv2d(self.c_in, self.c_out, self.k, stride=self.stride, padding=self.padding,
-                         groups=self.groups, bias=True, device=self.ata.device)
+                         groups=self.groups, bias=True, device=self.device)
         g, d, m = theta.shape
         weight = theta[:, :-1, :].permute(0, 2, 1).reshape(g * m, self.c_in // g, self.k, self.k)
-        conv.weight.copy_(weight.float())
-        conv.bias.copy_(theta[:, -1, :].reshape(-1).float())
-        n = int(self.ata[0, -1, -1])
-        return Fit(conv, r2_from_moments(self.ata, self.aty, self.yy, theta), n)
+        with torch.no_grad():
+            conv.weight.copy_(weight.float())
+            conv.bias.copy_(theta[:, -1, :].reshape(-1).float())
+        return conv
 
 
 class CompensatedBlock(nn.Module):

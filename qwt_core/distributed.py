@@ -5,6 +5,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import Sampler
 
 
 def is_dist() -> bool:
@@ -49,3 +50,35 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if is_dist():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+class ShardSampler(Sampler[int]):
+    """Rank ``r`` of ``w`` takes indices ``r, r+w, r+2w, …`` of ``range(n)`` — no padding, so no sample
+    is counted twice when per-rank counts are all-reduced.
+
+    (``DistributedSampler`` pads the last round with repeated samples so all ranks have the same length;
+    that is harmless for training but would double count in a top-1 sum.)
+    """
+
+    def __init__(self, n: int, rank: int = 0, world_size: int = 1) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in range(world_size={world_size})")
+        self.n, self.rank, self.world_size = n, rank, world_size
+
+    def __iter__(self):
+        return iter(range(self.rank, self.n, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world_size))
+
+
+def rank_slice(n: int, rank: int = 0, world_size: int = 1) -> slice:
+    """The contiguous part ``[n·r // w, n·(r+1) // w)`` of ``range(n)`` owned by rank ``r`` of ``w``:
+    the parts cover ``range(n)`` exactly once (sizes differ by at most one)."""
+    return slice(n * rank // world_size, n * (rank + 1) // world_size)
+
+
+def destroy_distributed() -> None:
+    """Destroy the process group if one is initialised (no-op otherwise)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -60,12 +60,22 @@ def _build_compensation(spec: dict[str, Any]) -> nn.Module:
 
 
 def save_quantized(model: nn.Module, path: str, meta: dict[str, Any]) -> None:
-    """Write ``model`` (quantized, maybe compensated) and ``meta`` (what ``build`` needs) to ``path``."""
+    """Write ``model`` (quantized, maybe compensated) and ``meta`` (what ``build`` needs) to ``path``.
+
+    The file is written next to ``path`` and renamed into place, so an interrupted save leaves no
+    half-written file behind.
+    """
     compensations = {name: _describe(m.compensation) for name, m in model.named_modules()
                      if isinstance(m, CompensatedBlock)}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save({"format": FORMAT, "meta": dict(meta), "compensations": compensations,
-                "state_dict": model.state_dict()}, path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        torch.save({"format": FORMAT, "meta": dict(meta), "compensations": compensations,
+                    "state_dict": model.state_dict()}, tmp)
+        os.replace(tmp, path)  # atomic: a reader never sees a half-written file
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def read_quantized(path: str) -> dict[str, Any]:

@@ -30,21 +30,39 @@ def quantize_layers(model: nn.Module, rule: Rule) -> dict[str, nn.Module]:
     """Replace every ``nn.Linear``/``nn.Conv2d`` for which ``rule(name, module)`` returns bits.
 
     Parameters are shared with the original layers. Returns ``{qualified name: quant layer}``.
-    Layers already quantized are left alone.
+
+    Quantizing is done once per layer: if ``rule`` selects a layer that is already a
+    ``QuantLinear``/``QuantConv2d`` (e.g. ``quantize_layers`` called twice with the same rule), a
+    ``ValueError`` names it and nothing is changed; build the model anew to quantize it differently,
+    or give a rule that returns None for the layers quantized before (quantizing *other* layers in
+    a second call is fine). A rule that selects no layer at all is also an error.
     """
     targets = [(name, m) for name, m in model.named_modules()
-               if name and isinstance(m, (nn.Linear, nn.Conv2d))
-               and not isinstance(m, (QuantLinear, QuantConv2d))]
-    swapped: dict[str, nn.Module] = {}
+               if name and isinstance(m, (nn.Linear, nn.Conv2d))]
+    plan: list[tuple[str, nn.Module, LayerBits]] = []
+    again: list[str] = []
     for name, module in targets:
         bits = rule(name, module)
         if bits is None:
             continue
+        if isinstance(module, (QuantLinear, QuantConv2d)):
+            again.append(name)
+            continue
+        if bits.act_channel_wise and not isinstance(module, nn.Linear):
+            raise ValueError(f"{name}: channel-wise input quantization is only for Linear layers")
+        plan.append((name, module, bits))
+    if again:
+        raise ValueError(f"quantize_layers: {len(again)} selected layers are already quantized "
+                         f"(e.g. {again[0]!r}): this model was quantized before; build it anew, or "
+                         "use a rule that returns None for quantized layers")
+    if not plan:
+        raise ValueError(f"quantize_layers: the rule selected none of the {len(targets)} "
+                         "nn.Linear/nn.Conv2d layers of this model; check the rule's layer names")
+    swapped: dict[str, nn.Module] = {}
+    for name, module, bits in plan:
         if isinstance(module, nn.Linear):
             q = QuantLinear.from_float(module, bits.w_bits, bits.a_bits, bits.act_channel_wise)
         else:
-            if bits.act_channel_wise:
-                raise ValueError(f"{name}: channel-wise input quantization is only for Linear layers")
             q = QuantConv2d.from_float(module, bits.w_bits, bits.a_bits)
         model.set_submodule(name, q)
         swapped[name] = q

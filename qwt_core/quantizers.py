@@ -12,7 +12,8 @@ calibration protocol). ``reset()`` forgets the initialisation. Their state is ke
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+import os
+from typing import Callable, Literal, Optional, Sequence
 
 import torch
 from torch import nn
@@ -30,31 +31,152 @@ def validate_bits(n_bits: int, name: str = "n_bits") -> int:
     return n_bits
 
 
-def exact_quantile(x: torch.Tensor, q: float, dim: int = -1) -> torch.Tensor:
+#: ``exact_quantiles`` reads order statistics from one ``topk`` per tail when a tail needs at most
+#: this fraction of the row (``torch.topk`` keeps a heap of that size); otherwise ``kthvalue``.
+TOPK_MAX_FRACTION = 1 / 16
+#: A single row of at least this many values is prefiltered before ``topk`` (see ``_tail_topk``).
+PREFILTER_MIN_N = 1 << 18
+#: Stride of the sample that sets the prefilter threshold (prime: cycles through channel layouts).
+SAMPLE_STRIDE = 61
+#: Pieces a prefiltered row is cut into (parallel ``topk`` over the pieces).
+PREFILTER_ROWS = 256
+
+
+def _tail_topk(x: torch.Tensor, k: int, dim: int, largest: bool) -> torch.Tensor:
+    """``torch.topk(x, k, dim, largest, sorted=True).values``, faster for one huge row on CPU.
+
+    On CPU ``topk`` works row by row on one thread and copies the whole row into (value, index) pairs,
+    so a per-tensor quantizer (one row of millions of values) pays for the whole row. For such a
+    row:
+
+    1. a threshold ``t`` is read from a strided sample (every ``SAMPLE_STRIDE``-th value, a prime
+       so that it cycles through channel layouts) so that about twice ``k`` values lie beyond it;
+    2. the row is cut into ``PREFILTER_ROWS`` pieces and each piece gives its ``c`` most extreme
+       values (one multi-threaded ``topk`` over short rows, ``c`` ≈ twice its share of ``k``);
+       a piece whose ``c``-th value is still beyond ``t`` is kept whole;
+    3. so every value beyond ``t`` is a candidate; if at least ``k`` candidates lie beyond ``t``,
+       the ``k`` extreme candidates are exactly the ``k`` extreme values of the row (same values,
+       same order); otherwise the plain ``topk`` runs.
+
+    NaNs count as largest, as in ``topk``/``kthvalue``.
+    """
+    n = x.shape[dim]
+    if x.device.type != "cpu" or x.numel() != n or n < PREFILTER_MIN_N or k * 32 > n:
+        return torch.topk(x, k, dim=dim, largest=largest, sorted=True).values
+    flat = x.reshape(-1)
+    sample = flat[SAMPLE_STRIDE // 2::SAMPLE_STRIDE]
+    m = sample.numel()
+    expected = k * m / n  # rank of the k-th extreme value inside the sample
+    k_s = min(m, int(math.ceil(2.0 * expected + 4.0 * math.sqrt(expected) + 8)))
+    t = torch.topk(sample, k_s, largest=largest, sorted=True).values[-1]
+
+    def beyond(v: torch.Tensor) -> torch.Tensor:  # v >= t (NaN included) / v <= t
+        return torch.lt(v, t).logical_not_() if largest else torch.le(v, t)
+
+    length = n // PREFILTER_ROWS
+    body = flat[:PREFILTER_ROWS * length].view(PREFILTER_ROWS, length)
+    share = k / PREFILTER_ROWS
+    c = min(length, int(math.ceil(3.0 * share + 6.0 * math.sqrt(share) + 16)))
+    tops = torch.topk(body, c, dim=1, largest=largest, sorted=False).values  # (P, c)
+    edge = tops.amin(dim=1) if largest else tops.amax(dim=1)  # each piece's c-th extreme value
+    whole = beyond(edge)  # such a piece may hold more than c values beyond t: keep all of it
+    candidates = torch.cat([tops[~whole].reshape(-1), body[whole].reshape(-1),
+                            flat[PREFILTER_ROWS * length:]])
+    if int(beyond(candidates).sum()) < k:  # the sample was unlucky: no shortcut
+        values = torch.topk(flat, k, largest=largest, sorted=True).values
+    else:
+        values = torch.topk(candidates, k, largest=largest, sorted=True).values
+    shape = list(x.shape)
+    shape[dim] = k
+    return values.reshape(shape)
+
+
+def _quantile_rank(q: float, n: int, dtype: torch.dtype) -> tuple[int, int, float]:
+    """``(lo, hi, weight)`` of ``torch.quantile``'s linear interpolation for ``n`` values.
+
+    Same arithmetic as ``torch.quantile``: q rounded to the input dtype, rank in double precision;
+    the weight is converted back to the input dtype by the caller.
+    """
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"quantile q={q} must be in [0, 1]")
+    rank = float(torch.tensor(q, dtype=dtype)) * (n - 1)
+    lo = math.floor(rank)
+    return lo, math.ceil(rank), rank - lo
+
+
+def exact_quantiles(x: torch.Tensor, qs: Sequence[float], dim: int = -1,
+                    method: Literal["auto", "topk", "kthvalue"] = "auto") -> list[torch.Tensor]:
+    """Linear-interpolated quantiles ``[quantile(x, q, dim) for q in qs]``, sharing the selection work.
+
+    Each quantile is ``lerp(v_lo, v_hi, w)`` of two order statistics. With ``method="topk"`` the
+    order statistics of all ``q >= 0.5`` come from ONE ``topk(largest=True)`` and those of all
+    ``q < 0.5`` from ONE ``topk(largest=False)`` (RepQ-ViT's candidates 0.999/0.9999/0.99999 and
+    their lower tails need only the extreme 0.1 % of each row). ``"kthvalue"`` uses two
+    ``kthvalue`` calls per quantile. Both select the same elements, so the results are
+    bit-identical; ``"auto"`` picks ``topk`` for a tail when it needs at most
+    ``TOPK_MAX_FRACTION`` of the row.
+
+    Args:
+        x: floating tensor ``(..., N, ...)``.
+        qs: quantiles, each in [0, 1].
+        dim: the reduced dimension.
+        method: ``"auto"``, ``"topk"`` or ``"kthvalue"``.
+    Returns:
+        One tensor per q, ``x``'s shape with ``dim`` removed.
+    """
+    if method not in ("auto", "topk", "kthvalue"):
+        raise ValueError(f"method={method!r}: use 'auto', 'topk' or 'kthvalue'")
+    n = x.shape[dim]
+    if n == 0:
+        raise ValueError("exact_quantiles got an empty dimension: there is no quantile of no values")
+    ranks = [_quantile_rank(float(q), n, x.dtype) for q in qs]
+    upper = {i for i, q in enumerate(qs) if q >= 0.5}
+    lower = {i for i, q in enumerate(qs) if q < 0.5}
+    # number of extreme values each tail needs: k-th smallest (1-based) = (n-k+1)-th largest
+    k_upper = max((n - ranks[i][0] for i in upper), default=0)
+    k_lower = max((ranks[i][1] + 1 for i in lower), default=0)
+
+    def use_topk(k: int) -> bool:
+        return method == "topk" or (method == "auto" and k <= max(1.0, n * TOPK_MAX_FRACTION))
+
+    top = _tail_topk(x, k_upper, dim, largest=True) if upper and use_topk(k_upper) else None
+    bottom = _tail_topk(x, k_lower, dim, largest=False) if lower and use_topk(k_lower) else None
+
+    def order_stat(i: int, j: int) -> torch.Tensor:
+        """The (j+1)-th smallest value along ``dim`` (0-based ``j``), for quantile ``i``."""
+        if i in upper and top is not None:
+            return top.select(dim, n - 1 - j)
+        if i in lower and bottom is not None:
+            return bottom.select(dim, j)
+        return torch.kthvalue(x, j + 1, dim=dim).values
+
+    out = []
+    for i, (lo_idx, hi_idx, w) in enumerate(ranks):
+        weight = torch.tensor(w, dtype=x.dtype, device=x.device)
+        lo = order_stat(i, lo_idx)
+        hi = lo if hi_idx == lo_idx else order_stat(i, hi_idx)
+        out.append(torch.lerp(lo, hi, weight))
+    return out
+
+
+def exact_quantile(x: torch.Tensor, q: float, dim: int = -1,
+                   method: Literal["auto", "topk", "kthvalue"] = "auto") -> torch.Tensor:
     """Linear-interpolated quantile of ``x`` along ``dim`` with no size limit.
 
     Matches ``torch.quantile(x, q, dim)`` (interpolation='linear') but also works for tensors with
-    more than 2^24 elements, which ``torch.quantile`` refuses before torch 2.14. Uses two ``kthvalue`` calls, so no full
-    sort of the tensor is kept in memory.
+    more than 2^24 elements, which ``torch.quantile`` refuses before torch 2.14. No full sort is
+    kept in memory: extreme quantiles read one ``topk`` of the tail, others two ``kthvalue`` calls
+    (see :func:`exact_quantiles`; both give bit-identical values).
 
     Args:
         x: any floating tensor, ``(..., N, ...)``.
         q: quantile in [0, 1].
         dim: the reduced dimension.
+        method: ``"auto"``, ``"topk"`` or ``"kthvalue"`` (same values; speed only).
     Returns:
         ``x`` with ``dim`` removed.
     """
-    if not 0.0 <= q <= 1.0:
-        raise ValueError(f"quantile q={q} must be in [0, 1]")
-    n = x.shape[dim]
-    # Same arithmetic as torch.quantile: q rounded to the input dtype, rank in double precision,
-    # interpolation weight back in the input dtype.
-    rank = float(torch.tensor(q, dtype=x.dtype)) * (n - 1)
-    lo_idx, hi_idx = math.floor(rank), math.ceil(rank)
-    weight = torch.tensor(rank - lo_idx, dtype=x.dtype, device=x.device)
-    lo = torch.kthvalue(x, lo_idx + 1, dim=dim).values
-    hi = lo if hi_idx == lo_idx else torch.kthvalue(x, hi_idx + 1, dim=dim).values
-    return torch.lerp(lo, hi, weight)
+    return exact_quantiles(x, [q], dim=dim, method=method)[0]
 
 
 def _as_rows(x: torch.Tensor, channel_wise: bool, channel_dim: int) -> torch.Tensor:
@@ -72,13 +194,95 @@ def _broadcast_shape(x: torch.Tensor, channel_wise: bool, channel_dim: int) -> l
 
 
 def uniform_fake_quant(x: torch.Tensor, delta: torch.Tensor, zero_point: torch.Tensor,
-                       n_bits: int) -> torch.Tensor:
+                       n_bits: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``(clamp(round(x/Δ) + z, 0, 2^b-1) - z)·Δ``; ``delta``/``zero_point`` broadcast to ``x``.
 
     Evaluated as ``clamp(round(x/Δ), -z, 2^b-1-z)·Δ`` with in-place ops (same values, fewer passes).
+    ``out``: optional preallocated result tensor of the broadcast shape (reused buffers).
     """
-    q = torch.div(x, delta).round_()
+    q = torch.div(x, delta, out=out).round_() if out is not None else torch.div(x, delta).round_()
     return q.clamp_(-zero_point, (2 ** n_bits - 1) - zero_point).mul_(delta)
+
+
+def _uniform_fake_quant_pure(x: torch.Tensor, delta: torch.Tensor, zero_point: torch.Tensor,
+                             n_bits: int) -> torch.Tensor:
+    """Out-of-place form of :func:`uniform_fake_quant` (same ops, same order) for ``torch.compile``."""
+    return torch.clamp(torch.round(x / delta), -zero_point, (2 ** n_bits - 1) - zero_point) * delta
+
+
+def _uniform_sq_err_pure(x: torch.Tensor, delta: torch.Tensor, zero_point: torch.Tensor,
+                         n_bits: int) -> torch.Tensor:
+    """``(fq(x) - x)²`` elementwise (same ops as the eager candidate error) for ``torch.compile``."""
+    return (_uniform_fake_quant_pure(x, delta, zero_point, n_bits) - x).pow(2)
+
+
+def _log_sqrt2_sq_err_pure(x: torch.Tensor, delta: torch.Tensor, n_bits: int) -> torch.Tensor:
+    """``(fq_log√2(x) - x)²`` elementwise, for ``torch.compile``."""
+    return (_log_sqrt2_fake_quant_pure(x, delta, n_bits) - x).pow(2)
+
+
+class _FusedFakeQuant:
+    """Switch for ``torch.compile``-fused fake quantization (one pass per tensor instead of 4-10).
+
+    Off by default: compiling costs tens of seconds per process (less with inductor's on-disk
+    cache), which dominates short runs. The uniform quantizer's fused kernel uses the same IEEE
+    operations (division, round-half-even, clamp, multiplication) and is bit-identical to the eager
+    path; the log-√2 kernel evaluates ``log2``/``exp2`` with the same vectorised routines as eager
+    PyTorch (checked equal in ``tests/test_speed_equivalence.py``). During calibration the
+    candidate errors use a fused ``(fq(x) - x)²`` kernel followed by the same eager ``mean``, so
+    the chosen (Δ, z) are unchanged. Turn on with :func:`set_fused_fake_quant` or
+    ``QWT_FUSED_FAKE_QUANT=1``.
+    """
+
+    enabled: bool = os.environ.get("QWT_FUSED_FAKE_QUANT", "0") == "1"
+    _fns: dict[str, Callable] = {}
+
+    @classmethod
+    def get(cls, name: str) -> Callable:
+        fn = cls._fns.get(name)
+        if fn is None:
+            base = {"uniform": _uniform_fake_quant_pure, "log2": _log_sqrt2_fake_quant_pure,
+                    "uniform_sq_err": _uniform_sq_err_pure, "log2_sq_err": _log_sqrt2_sq_err_pure}[name]
+            fn = cls._fns[name] = torch.compile(base, dynamic=True)
+        return fn
+
+
+def _fused_layout(x: torch.Tensor, param: torch.Tensor) -> Optional[tuple[torch.Tensor, list[int]]]:
+    """``x`` as a 1-D / 2-D view and the matching shape of its (Δ, z), or None (eager ops).
+
+    Few layouts means few compiled kernels: per tensor → ``(N,)`` with a scalar, per channel of the
+    last dim → ``(N, C)`` with ``(1, C)``, per channel of dim 0 → ``(C, N)`` with ``(C, 1)``. Only
+    contiguous plain tensors qualify (the eager result of a non-contiguous input keeps its
+    strides, which the next matmul may depend on; parameters are quantized once and cached).
+    """
+    if type(x) is not torch.Tensor or not x.is_contiguous() or x.numel() == 0 \
+            or param.dim() > x.dim():
+        return None
+    if param.numel() == 1:
+        return x.view(-1), []
+    channels = [i for i, size in enumerate(param.shape) if size != 1]
+    if param.dim() != x.dim() or len(channels) != 1:
+        return None
+    c = param.shape[channels[0]]
+    if channels[0] == x.dim() - 1:
+        return x.view(-1, c), [1, c]
+    if channels[0] == 0:
+        return x.view(c, -1), [c, 1]
+    return None
+
+
+def set_fused_fake_quant(enabled: bool) -> None:
+    """Use ``torch.compile``-fused fake-quant kernels in every quantizer's forward (process-wide).
+
+    The first forward after switching on compiles (once per process and input rank). Needs a C++
+    compiler for inductor on CPU; a compile failure raises, it does not fall back silently.
+    """
+    _FusedFakeQuant.enabled = bool(enabled)
+
+
+def fused_fake_quant_enabled() -> bool:
+    """Whether :func:`set_fused_fake_quant` (or ``QWT_FUSED_FAKE_QUANT=1``) is on."""
+    return _FusedFakeQuant.enabled
 
 
 def uniform_params_from_range(lo: torch.Tensor, hi: torch.Tensor, n_bits: int
@@ -95,7 +299,12 @@ def uniform_params_from_range(lo: torch.Tensor, hi: torch.Tensor, n_bits: int
 
 
 class _LazyQuantizer(nn.Module):
-    """Common state: ``enabled`` switch, ``inited`` flag and buffers that may change shape on load."""
+    """Common state: ``enabled`` switch, ``inited`` flag and buffers that may change shape on load.
+
+    The ``inited`` buffer (saved with the model) is mirrored by a Python flag that the forward
+    reads, so a calibrated quantizer never reads a device tensor on the host (no GPU sync).
+    Change the state only through ``initialize``/``set_params``/``reset``/``load_state_dict``.
+    """
 
     def __init__(self, n_bits: int) -> None:
         super().__init__()
@@ -103,15 +312,23 @@ class _LazyQuantizer(nn.Module):
         self.enabled = True
         self.version = 0  # bumped whenever (Δ, z) may change; lets layers cache quantized weights
         self.register_buffer("inited", torch.tensor(False))
+        self._inited = False  # host mirror of the ``inited`` buffer
 
     @property
     def is_inited(self) -> bool:
-        return bool(self.inited)
+        flag = self.__dict__.get("_inited")
+        if flag is None:  # unpickled from a version without the host flag: read the buffer once
+            flag = self.__dict__["_inited"] = bool(self.inited)
+        return flag
+
+    def _mark_inited(self, value: bool) -> None:
+        self.inited.fill_(value)
+        self._inited = value
+        self.version += 1
 
     def reset(self) -> None:
         """Forget the calibration: the next tensor seen re-initialises the quantizer."""
-        self.inited.fill_(False)
-        self.version += 1
+        self._mark_inited(False)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -123,17 +340,21 @@ class _LazyQuantizer(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         self.version += 1
+        self._inited = bool(self.inited)  # load time: the one host read of the buffer
         if getattr(self, "channel_wise", False) and self._buffers["delta"].numel() == 1:
             self.channel_wise = False  # saved after the LayerNorm reparameterization
+
+    def initialize(self, x: torch.Tensor) -> None:
+        """Calibrate (Δ, z) on ``x`` now and freeze them (what the first forward does lazily)."""
+        with torch.no_grad():
+            self.init_from(x.detach())
+        self._mark_inited(True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
         if not self.is_inited:
-            with torch.no_grad():
-                self.init_from(x.detach())
-            self.inited.fill_(True)
-            self.version += 1
+            self.initialize(x)
         return self.quantize(x)
 
     def init_from(self, x: torch.Tensor) -> None:  # pragma: no cover - abstract
@@ -169,20 +390,40 @@ class UniformQuantizer(_LazyQuantizer):
         return f"n_bits={self.n_bits}, channel_wise={self.channel_wise}, channel_dim={self.channel_dim}"
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        layout = _fused_layout(x, self.delta) if _FusedFakeQuant.enabled else None
+        if layout is not None:
+            flat, shape = layout
+            return _FusedFakeQuant.get("uniform")(flat, self.delta.view(shape), self.zero_point.view(shape),
+                                                  self.n_bits).view(x.shape)
         return uniform_fake_quant(x, self.delta, self.zero_point, self.n_bits)
 
     def candidate_ranges(self, rows: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(lo, hi) per candidate, each ``(C,)``, for ``rows`` of shape ``(C, N)``."""
-        return [(exact_quantile(rows, 1.0 - p, dim=1), exact_quantile(rows, p, dim=1))
-                for p in self.percentiles]
+        qs = [1.0 - p for p in self.percentiles] + list(self.percentiles)
+        values = exact_quantiles(rows, qs, dim=1)  # one topk per tail for all candidates
+        k = len(self.percentiles)
+        return list(zip(values[:k], values[k:]))
 
     def init_from(self, x: torch.Tensor) -> None:
         rows = _as_rows(x if x.is_floating_point() else x.float(), self.channel_wise, self.channel_dim)
         best_err = best_delta = best_zero = None
+        # one scratch buffer for all candidates (same ops as ``(fq(rows) - rows).pow(2)``)
+        fused = _FusedFakeQuant.enabled and rows.is_contiguous()
+        buf = torch.empty_like(rows) if rows.is_contiguous() and not fused else None
         for lo, hi in self.candidate_ranges(rows):
             delta, zero = uniform_params_from_range(lo, hi, self.n_bits)
-            err = (uniform_fake_quant(rows, delta[:, None], zero[:, None], self.n_bits) - rows
-                   ).pow(2).mean(dim=1)
+            if fused and rows.shape[0] == 1:  # per tensor: the 1-D kernel, same memory for the mean
+                err = _FusedFakeQuant.get("uniform_sq_err")(rows.view(-1), delta.view(()), zero.view(()),
+                                                            self.n_bits).view(rows.shape).mean(dim=1)
+            elif fused:
+                err = _FusedFakeQuant.get("uniform_sq_err")(rows, delta[:, None], zero[:, None],
+                                                            self.n_bits).mean(dim=1)
+            elif buf is not None:
+                err = uniform_fake_quant(rows, delta[:, None], zero[:, None], self.n_bits, out=buf
+                                         ).sub_(rows).pow_(2).mean(dim=1)
+            else:
+                err = (uniform_fake_quant(rows, delta[:, None], zero[:, None], self.n_bits) - rows
+                       ).pow(2).mean(dim=1)
             if best_err is None:
                 best_err, best_delta, best_zero = err, delta, zero
             else:
@@ -198,8 +439,7 @@ class UniformQuantizer(_LazyQuantizer):
         shape = list(shape) if shape is not None else list(delta.shape)
         self.delta = delta.detach().reshape(shape).clone()
         self.zero_point = zero_point.detach().reshape(shape).to(delta.dtype).clone()
-        self.inited.fill_(True)
-        self.version += 1
+        self._mark_inited(True)
 
 
 class PercentileQuantizer(UniformQuantizer):
@@ -219,14 +459,24 @@ class PercentileQuantizer(UniformQuantizer):
         return super().candidate_ranges(rows)
 
 
-def log_sqrt2_fake_quant(x: torch.Tensor, delta: torch.Tensor, n_bits: int) -> torch.Tensor:
+def log_sqrt2_fake_quant(x: torch.Tensor, delta: torch.Tensor, n_bits: int,
+                         out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``q = round(-2·log2(x/Δ))``; ``q ≥ 2^b`` → 0, else ``x̂ = Δ·2^(-clamp(q, 0, 2^b-1)/2)``.
 
     Zeros (and underflow) map to 0; values above Δ map to Δ. ``x`` must be non-negative.
+    ``out``: optional preallocated result tensor (reused buffers).
     """
-    q = torch.div(x, delta).log2_().mul_(-2.0).round_()
+    q = torch.div(x, delta, out=out) if out is not None else torch.div(x, delta)
+    q = q.log2_().mul_(-2.0).round_()
     dropped = q >= 2 ** n_bits  # includes +inf from x == 0
     return q.clamp_(min=0.0).mul_(-0.5).exp2_().mul_(delta).masked_fill_(dropped, 0.0)
+
+
+def _log_sqrt2_fake_quant_pure(x: torch.Tensor, delta: torch.Tensor, n_bits: int) -> torch.Tensor:
+    """Out-of-place form of :func:`log_sqrt2_fake_quant` (same ops, same order) for ``torch.compile``."""
+    q = torch.round(torch.log2(x / delta) * -2.0)
+    value = torch.exp2(torch.clamp(q, min=0.0) * -0.5) * delta
+    return torch.where(q >= 2 ** n_bits, torch.zeros_like(value), value)
 
 
 class LogSqrt2Quantizer(_LazyQuantizer):
@@ -241,14 +491,27 @@ class LogSqrt2Quantizer(_LazyQuantizer):
         return f"n_bits={self.n_bits}"
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        layout = _fused_layout(x, self.delta) if _FusedFakeQuant.enabled else None
+        if layout is not None:
+            return _FusedFakeQuant.get("log2")(layout[0], self.delta.view(layout[1]),
+                                               self.n_bits).view(x.shape)
         return log_sqrt2_fake_quant(x, self.delta, self.n_bits)
 
     def init_from(self, x: torch.Tensor) -> None:
         flat = (x if x.is_floating_point() else x.float()).reshape(-1)
         best_err, best_delta = None, None
-        for p in self.percentiles:
-            delta = torch.clamp(exact_quantile(flat, p, dim=0), min=MIN_DELTA)
-            err = (log_sqrt2_fake_quant(flat, delta, self.n_bits) - flat).pow(2).mean()
-            if best_err is None or err < best_err:
+        fused = _FusedFakeQuant.enabled and type(flat) is torch.Tensor
+        buf = None if fused else torch.empty_like(flat)  # one scratch buffer for all candidates
+        for value in exact_quantiles(flat, self.percentiles, dim=0):  # one topk for all candidates
+            delta = torch.clamp(value, min=MIN_DELTA)
+            if fused:
+                err = _FusedFakeQuant.get("log2_sq_err")(flat, delta, self.n_bits).mean()
+            else:
+                err = log_sqrt2_fake_quant(flat, delta, self.n_bits, out=buf).sub_(flat).pow_(2).mean()
+            if best_err is None:
                 best_err, best_delta = err, delta
+            else:  # strict: ties keep the earlier candidate; no host read of the errors
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best_delta = torch.where(better, delta, best_delta)
         self.delta = best_delta.detach().reshape(()).clone()

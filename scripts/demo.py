@@ -1,45 +1,67 @@
-"""`make demo`: FP → RepQ-ViT → +QwT on a built-in dataset, no download needed.
+"""`make demo`: what QwT adds to RepQ-ViT, measured on data that ships with scikit-learn (no download).
 
-1. scikit-learn's digits (1797 8×8 images, 10 classes) are upsampled to 32×32 RGB and written as an
-   ImageFolder (``train/`` 70 %, ``val/`` 30 %, stratified, seeded) under ``outputs/demo/digits``;
-2. a small timm DeiT (the real ``VisionTransformer``: 32×32 input, patch 4, dim 64, depth 4) is trained on CPU
-   for a few epochs and cached in ``outputs/demo/`` (a second run skips training);
-3. the classification command line (``cls_repq_vit``) runs FP → RepQ-ViT → +QwT at W4A4 and W6A6
-   on it, through ``--checkpoint``, exactly as for ImageNet models, and a summary table is printed.
+1. scikit-learn's digits (1797 8×8 images, 10 classes) are upsampled to 16×16 RGB and written as an
+   ImageFolder (``train/`` 70 %, ``val/`` 30 %, stratified; the split is fixed) under ``outputs/demo/``;
+2. for every seed, a small timm DeiT (the real ``VisionTransformer``: 16×16 input, patch 4, dim 64,
+   depth 4) is trained on the CPU (cached per seed in ``outputs/demo/models/``);
+3. for every seed and bit width, the classification command line (``cls_repq_vit``, the same entry
+   point as for ImageNet) runs FP → RepQ-ViT → RepQ-ViT + QwT with ``--seed`` = that seed;
+4. FP, RepQ-ViT and + QwT top-1 as mean ± std over the seeds go to ``outputs/demo/demo_results.json``,
+   the figure ``outputs/demo/demo.png`` is drawn from that JSON, and a table is printed.
 
-Usage: ``python scripts/demo.py [--epochs N] [--retrain] [--no-w6a6]``.
+A seed fixes the training (initialisation, batch order, augmentation) and the calibration subset
+(512 QwT images, of which the first 32 calibrate RepQ-ViT). Every process runs one thread with
+deterministic algorithms, so the numbers do not depend on ``--jobs`` or on the machine's core count.
+
+Usage: ``python scripts/demo.py [--seeds 0 1 2] [--bits W4A4 W3A3 W2A4 W2A3] [--epochs N] [--jobs N]``;
+``python scripts/demo.py --readme-table`` prints the markdown table of the last run's JSON.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
+import platform
+import re
 import sys
 import time
-
-import numpy as np
-import torch
-import torch.nn.functional as F
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from cls_repq_vit import cli  # noqa: E402
-from cls_repq_vit.data import eval_transform, image_folder  # noqa: E402
-from cls_repq_vit.models import get_spec  # noqa: E402
-
 OUT = os.path.join(ROOT, "outputs", "demo")
-DATA = os.path.join(OUT, "digits")
+RESULTS_JSON = os.path.join(OUT, "demo_results.json")
+FIGURE = os.path.join(OUT, "demo.png")
 MODEL_NAME = "deit_tiny"
+IMG_SIZE = 16
 #: timm.create_model overrides for the demo DeiT (same names on the command line).
-MODEL_KWARGS = {"img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 2,
+MODEL_KWARGS = {"img_size": IMG_SIZE, "patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 2,
                 "num_classes": 10}
-SEED = 0
+#: training recipe (part of the cache key of the trained models).
+TRAIN = {"epochs": 30, "batch_size": 64, "lr": 3e-3, "weight_decay": 0.05, "warmup": 0.15, "shift": 1}
+DEFAULT_SEEDS = (0, 1, 2)
+DEFAULT_BITS = ("W4A4", "W3A3", "W2A4", "W2A3")
+SPLIT_SEED = 0  # the train/val split is the same for every seed
+CALIB_SIZE, REPQ_CALIB_SIZE = 512, 32
+THREADS = 1  # per process: fixed, so results do not depend on the machine's core count
+METHODS = (("fp32", "FP32"), ("baseline", "RepQ-ViT"), ("qwt", "RepQ-ViT + QwT"))
 
 
-def write_digits_imagefolder(root: str = DATA, size: int = 32, seed: int = SEED) -> dict[str, int]:
-    """Write digits as ``root/{train,val}/{0..9}/NNNN.png`` (size×size, 3 channels); returns counts."""
+def data_dir(out: str = OUT) -> str:
+    return os.path.join(out, f"digits{IMG_SIZE}")
+
+
+# ----------------------------------------------------------------------------------------- data
+def write_digits_imagefolder(root: str, size: int = IMG_SIZE) -> dict[str, int]:
+    """Write digits as ``root/{train,val}/{0..9}/NNNN.png`` (size×size RGB); returns the counts.
+
+    Idempotent: a ``done.json`` marker with the same size skips the work."""
+    import numpy as np
     from PIL import Image
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -47,12 +69,14 @@ def write_digits_imagefolder(root: str = DATA, size: int = 32, seed: int = SEED)
     marker = os.path.join(root, "done.json")
     if os.path.isfile(marker):
         with open(marker) as f:
-            return json.load(f)
+            done = json.load(f)
+        if done.get("size") == size:
+            return done
     digits = load_digits()
     images = (digits.images / 16.0 * 255.0).clip(0, 255).astype(np.uint8)
     idx = np.arange(len(images))
-    train_idx, val_idx = train_test_split(idx, test_size=0.3, random_state=seed, stratify=digits.target)
-    counts = {}
+    train_idx, val_idx = train_test_split(idx, test_size=0.3, random_state=SPLIT_SEED, stratify=digits.target)
+    counts: dict[str, int] = {"size": size}
     for split, ids in (("train", train_idx), ("val", val_idx)):
         for i in ids:
             d = os.path.join(root, split, str(int(digits.target[i])))
@@ -60,106 +84,332 @@ def write_digits_imagefolder(root: str = DATA, size: int = 32, seed: int = SEED)
             img = Image.fromarray(images[i], mode="L").resize((size, size), Image.BILINEAR).convert("RGB")
             img.save(os.path.join(d, f"{i:04d}.png"))
         counts[split] = int(len(ids))
-    with open(marker, "w") as f:
-        json.dump(counts, f)
+    _write_json(marker, counts)
     return counts
 
 
-def _tensors(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The split as ``(N, 3, 32, 32)`` images (the model's eval preprocessing) and ``(N,)`` labels."""
-    ds = image_folder(DATA, split, eval_transform(get_spec(MODEL_NAME), MODEL_KWARGS["img_size"]))
+def _write_json(path: str, obj: Any) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _tensors(split: str, out: str):
+    """The split as ``(N, 3, S, S)`` images (the model's eval preprocessing) and ``(N,)`` labels."""
+    import torch
+
+    from cls_repq_vit.data import eval_transform, image_folder
+    from cls_repq_vit.models import get_spec
+
+    ds = image_folder(data_dir(out), split, eval_transform(get_spec(MODEL_NAME), IMG_SIZE))
     xs, ys = zip(*(ds[i] for i in range(len(ds))))
     return torch.stack(xs), torch.tensor(ys)
 
 
-def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Random translation by up to 2 pixels (pad + crop), per batch."""
-    dx, dy = (int(v) for v in torch.randint(-2, 3, (2,), generator=g))
-    x = F.pad(x, (2, 2, 2, 2), mode="replicate")
-    return x[:, :, 2 + dy:2 + dy + 32, 2 + dx:2 + dx + 32]
+# ------------------------------------------------------------------------------------- training
+@contextlib.contextmanager
+def deterministic(threads: int = THREADS):
+    """``threads`` torch threads and deterministic algorithms inside the block; restored after."""
+    import torch
+
+    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved[0])
+        torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
 
 
-def train_demo_model(path: str, epochs: int, batch_size: int = 64, lr: float = 3e-3) -> dict:
-    """Train the demo DeiT on ``train/`` and save its state dict to ``path``; returns a summary."""
-    torch.manual_seed(SEED)
-    g = torch.Generator().manual_seed(SEED)
+def train_demo_model(path: str, seed: int, train: dict, out: str = OUT) -> dict[str, Any]:
+    """Train the demo DeiT with ``seed`` on ``train/`` and save ``{"model": state_dict, ...}`` to ``path``.
+
+    Returns ``{"val_top1", "seconds"}``."""
+    import torch
+    import torch.nn.functional as F
+
+    from cls_repq_vit.models import get_spec
+
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
     model = get_spec(MODEL_NAME).create(MODEL_KWARGS)
-    x_train, y_train = _tensors("train")
-    x_val, y_val = _tensors("val")
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    steps = epochs * ((len(x_train) + batch_size - 1) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    x_train, y_train = _tensors("train", out)
+    x_val, y_val = _tensors("val", out)
+    bs, s = train["batch_size"], train["shift"]
+    opt = torch.optim.AdamW(model.parameters(), lr=train["lr"], weight_decay=train["weight_decay"])
+    steps = train["epochs"] * math.ceil(len(x_train) / bs)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=train["lr"], total_steps=steps,
+                                                pct_start=train["warmup"])
     t0 = time.perf_counter()
-    for epoch in range(epochs):
+    for _ in range(train["epochs"]):
         model.train()
         perm = torch.randperm(len(x_train), generator=g)
-        total = 0.0
-        for k in range(0, len(perm), batch_size):
-            idx = perm[k:k + batch_size]
-            loss = F.cross_entropy(model(_augment(x_train[idx], g)), y_train[idx])
+        for k in range(0, len(perm), bs):
+            idx = perm[k:k + bs]
+            dx, dy = (int(v) for v in torch.randint(-s, s + 1, (2,), generator=g))  # random shift ≤ s px
+            x = F.pad(x_train[idx], (s, s, s, s), mode="replicate")[:, :, s + dy:s + dy + IMG_SIZE,
+                                                                       s + dx:s + dx + IMG_SIZE]
+            loss = F.cross_entropy(model(x), y_train[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            total += loss.item() * len(idx)
-        if (epoch + 1) % 5 and epoch + 1 != epochs:
-            continue
-        model.eval()
-        with torch.no_grad():
-            acc = (model(x_val).argmax(-1) == y_val).float().mean().item() * 100
-        print(f"  epoch {epoch + 1:2d}/{epochs}  loss {total / len(x_train):.3f}  val top-1 {acc:5.2f}  "
-              f"({time.perf_counter() - t0:.0f}s)", flush=True)
-    torch.save({"model": model.state_dict(), "model_kwargs": MODEL_KWARGS, "epochs": epochs}, path)
+    model.eval()
+    with torch.no_grad():
+        acc = (model(x_val).argmax(-1) == y_val).float().mean().item() * 100
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save({"model": model.state_dict(), "model_kwargs": MODEL_KWARGS, "train": train, "seed": seed}, tmp)
+    os.replace(tmp, path)
     return {"val_top1": acc, "seconds": time.perf_counter() - t0}
 
 
-def run_cli(checkpoint: str, w_bit: int, a_bit: int, eval_fp: bool) -> dict:
-    """The classification pipeline on the demo data, through the same entry point as ImageNet runs."""
-    argv = ["--model", MODEL_NAME, "--data_dir", DATA, "--checkpoint", checkpoint,
-            "--w_bit", str(w_bit), "--a_bit", str(a_bit), "--calib_size", "512", "--batch_size", "128",
-            "--workers", "0", "--device", "cpu", "--seed", str(SEED), "--no_progress",
-            "--output", os.path.join(OUT, f"results_w{w_bit}a{a_bit}.json"),
-            "--model_kwargs", *[f"{k}={v}" for k, v in MODEL_KWARGS.items()]]
-    if eval_fp:
-        argv.append("--eval_fp")
-    print(f"\n$ python cls_repq_vit/qwt_vit_and_deit.py {' '.join(argv)}", flush=True)
-    return cli.main(argv)
+def _cached(path: str, seed: int, train: dict) -> bool:
+    import torch
+
+    if not os.path.isfile(path):
+        return False
+    meta = torch.load(path, map_location="cpu", weights_only=True)
+    return meta.get("model_kwargs") == MODEL_KWARGS and meta.get("train") == train and meta.get("seed") == seed
 
 
-def main() -> None:
+def parse_bits(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"[Ww](\d)[Aa](\d)", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"bit setting {text!r} must look like W4A4")
+    return int(m.group(1)), int(m.group(2))
+
+
+def run_seed(seed: int, settings: Sequence[str], retrain: bool, folder: str = OUT,
+             train: Optional[dict] = None) -> dict[str, Any]:
+    """One seed: train (or reuse) the model, then the classification CLI at every setting.
+
+    Runs in a worker process; its output goes to ``folder/logs/seed{seed}.log``."""
+    train = dict(train or TRAIN)
+    os.makedirs(os.path.join(folder, "logs"), exist_ok=True)
+    log = os.path.join(folder, "logs", f"seed{seed}.log")
+    with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f), deterministic():
+        from cls_repq_vit import cli
+
+        os.makedirs(os.path.join(folder, "models"), exist_ok=True)
+        ckpt = os.path.join(folder, "models", f"deit_digits_seed{seed}.pth")
+        res: dict[str, Any] = {"seed": seed, "checkpoint": os.path.relpath(ckpt, folder),
+                               "log": os.path.relpath(log, folder), "runs": {}}
+        if not retrain and _cached(ckpt, seed, train):
+            res["train"] = {"cached": True}
+            print(f"using the cached model {ckpt}", flush=True)
+        else:
+            print(f"training {MODEL_KWARGS} with {train}, seed {seed}", flush=True)
+            res["train"] = {"cached": False, **train_demo_model(ckpt, seed, train, folder)}
+        for k, setting in enumerate(settings):
+            w, a = parse_bits(setting)
+            path = os.path.join(folder, "runs", f"seed{seed}_{setting}.json")
+            argv = ["--model", MODEL_NAME, "--data_dir", data_dir(folder), "--checkpoint", ckpt,
+                    "--w_bit", str(w), "--a_bit", str(a), "--calib_size", str(CALIB_SIZE),
+                    "--repq_calib_size", str(REPQ_CALIB_SIZE), "--batch_size", "128", "--workers", "0",
+                    "--device", "cpu", "--seed", str(seed), "--no_progress", "--output", path,
+                    "--model_kwargs", *[f"{key}={v}" for key, v in MODEL_KWARGS.items()]]
+            if k == 0:
+                argv.append("--eval_fp")
+            print(f"\n$ python cls_repq_vit/qwt_vit_and_deit.py {' '.join(argv)}", flush=True)
+            run = cli.main(argv)
+            res["runs"][setting] = {"json": os.path.relpath(path, folder), "accuracy": run["accuracy"],
+                                    "blocks": run["qwt"]["blocks"], "qwt_seconds": run["qwt"]["seconds"]}
+        return res
+
+
+# ---------------------------------------------------------------------------------- aggregation
+def mean_std(values: Sequence[float]) -> dict[str, Any]:
+    """Mean and sample standard deviation (n − 1; 0 for one value), rounded to 2 decimals."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return {"mean": round(mean, 2), "std": round(std, 2), "per_seed": [round(v, 2) for v in values]}
+
+
+def aggregate(per_seed: list[dict[str, Any]], settings: Sequence[str], counts: dict[str, int],
+              seconds: float, train: dict) -> dict[str, Any]:
+    """The demo's JSON: per setting FP / RepQ-ViT / + QwT top-1 (mean ± std over seeds) and the
+    per-block QwT report of the first seed."""
+    import numpy
+    import timm
+    import torch
+
+    seeds = [r["seed"] for r in per_seed]
+    fp = [r["runs"][settings[0]]["accuracy"]["fp32"]["top1"] for r in per_seed]
+    results: dict[str, Any] = {}
+    for setting in settings:
+        base = [r["runs"][setting]["accuracy"]["baseline"]["top1"] for r in per_seed]
+        qwt = [r["runs"][setting]["accuracy"]["qwt"]["top1"] for r in per_seed]
+        results[setting] = {"fp32": mean_std(fp), "baseline": mean_std(base), "qwt": mean_std(qwt),
+                            "baseline_vs_fp": mean_std([b - f for f, b in zip(fp, base)]),
+                            "qwt_gain": mean_std([q - b for q, b in zip(qwt, base)])}
+    return {
+        "title": "QwT demo: timm DeiT on scikit-learn digits",
+        "dataset": {"name": "scikit-learn digits (8x8, 10 classes), upsampled to "
+                            f"{IMG_SIZE}x{IMG_SIZE} RGB", "train": counts["train"], "val": counts["val"],
+                    "split_seed": SPLIT_SEED},
+        "model": MODEL_NAME, "model_kwargs": MODEL_KWARGS, "train": train,
+        "calib_size": CALIB_SIZE, "repq_calib_size": REPQ_CALIB_SIZE,
+        "seeds": seeds,
+        "seed_controls": "training (initialisation, batch order, augmentation) and the calibration subset "
+                         "(--seed of the classification CLI); the train/val split is fixed",
+        "std": "sample standard deviation over seeds (n - 1)",
+        "metric": "val top-1 (%)",
+        "settings": list(settings),
+        "baseline": "RepQ-ViT",
+        "results": results,
+        "blocks_seed": seeds[0],
+        "blocks": {s: per_seed[0]["runs"][s]["blocks"] for s in settings},
+        "per_seed": per_seed,
+        "determinism": {"threads_per_process": THREADS, "use_deterministic_algorithms": True},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+                     "numpy": numpy.__version__, "machine": platform.machine()},
+        "seconds": round(seconds, 1),
+    }
+
+
+def accuracy_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """``qwt_core.plotting.plot_accuracy`` rows of the demo JSON: one per (setting, method)."""
+    return [{"setting": s, "method": label, "top1": summary["results"][s][key]["mean"],
+             "std": summary["results"][s][key]["std"]}
+            for s in summary["settings"] for key, label in METHODS]
+
+
+def plot_from_json(json_path: str = RESULTS_JSON, png_path: str = FIGURE) -> str:
+    """Draw the demo figure from the JSON file (so figure and JSON are the same numbers)."""
+    from qwt_core.plotting import plot_summary
+
+    summary = load_results(json_path)
+    n = len(summary["seeds"])
+    block_sets = {f"{s}: per-block error (seed {summary['blocks_seed']})": summary["blocks"][s]
+                  for s in summary["settings"]}
+    return plot_summary(accuracy_rows(summary), block_sets, png_path,
+                        f"{summary['title']} — val top-1, mean ± std over {n} seeds",
+                        accuracy_title=f"top-1 (%) by bit width, {n} seeds", ylabel="val top-1 accuracy (%)")
+
+
+def load_results(json_path: str = RESULTS_JSON) -> dict[str, Any]:
+    if not os.path.isfile(json_path):
+        raise SystemExit(f"error: {json_path} does not exist: run `make demo` (or python scripts/demo.py) first")
+    with open(json_path) as f:
+        return json.load(f)
+
+
+def readme_table(summary: dict[str, Any]) -> str:
+    """Markdown table of the demo JSON (what docs/readme/quickstart.md shows)."""
+    n = len(summary["seeds"])
+
+    def cell(d: dict[str, Any], sign: bool = False) -> str:
+        return f"{d['mean']:+.2f} ± {d['std']:.2f}" if sign else f"{d['mean']:.2f} ± {d['std']:.2f}"
+
+    lines = ["| setting | FP32 | RepQ-ViT | RepQ-ViT + QwT | RepQ-ViT − FP | QwT gain |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for s in summary["settings"]:
+        r = summary["results"][s]
+        lines.append(f"| {s} | {cell(r['fp32'])} | {cell(r['baseline'])} | {cell(r['qwt'])} | "
+                     f"{cell(r['baseline_vs_fp'], True)} | {cell(r['qwt_gain'], True)} |")
+    mk = summary["model_kwargs"]
+    lines.append("")
+    lines.append(f"timm DeiT ({mk['img_size']}×{mk['img_size']} input, patch {mk['patch_size']}, dim "
+                 f"{mk['embed_dim']}, depth {mk['depth']}) trained {summary['train']['epochs']} epochs on "
+                 f"scikit-learn digits; {summary['metric']} on {summary['dataset']['val']} images, mean ± std "
+                 f"(n − 1) over seeds {', '.join(map(str, summary['seeds']))} ({n} seeds; a seed fixes the "
+                 f"training and the calibration subset). Generated by `python scripts/demo.py --readme-table` "
+                 f"from `outputs/demo/demo_results.json` (torch {summary['versions']['torch']}).")
+    return "\n".join(lines)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    n = len(summary["seeds"])
+    lines = [f"=== demo summary: {summary['title']} ({summary['metric']}, {summary['dataset']['val']} images, "
+             f"mean ± std over {n} seeds) ===",
+             f"{'setting':<8} {'FP32':>13} {'RepQ-ViT':>13} {'+ QwT':>13} {'QwT gain':>13}"]
+    for s in summary["settings"]:
+        r = summary["results"][s]
+        cells = [f"{r[k]['mean']:6.2f} ± {r[k]['std']:4.2f}" for k in ("fp32", "baseline", "qwt")]
+        gain = r["qwt_gain"]
+        lines.append(f"{s:<8} {cells[0]:>13} {cells[1]:>13} {cells[2]:>13} {gain['mean']:+6.2f} ± {gain['std']:4.2f}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ main
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=30, help="training epochs of the demo DeiT")
-    parser.add_argument("--retrain", action="store_true", help="ignore the cached demo model")
-    parser.add_argument("--no-w6a6", dest="w6a6", action="store_false", help="only W4A4")
-    args = parser.parse_args()
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS),
+                        help="seeds (training + calibration subset), default 0 1 2")
+    parser.add_argument("--bits", nargs="+", default=list(DEFAULT_BITS), metavar="WxAy",
+                        help="bit settings, default W4A4 W3A3 W2A4 W2A3")
+    parser.add_argument("--epochs", type=int, default=TRAIN["epochs"], help="training epochs of the demo DeiT")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="parallel processes, one seed each, one thread each (default: number of seeds)")
+    parser.add_argument("--retrain", action="store_true", help="ignore the cached demo models")
+    parser.add_argument("--out", default=OUT, help="output folder (default outputs/demo)")
+    parser.add_argument("--readme-table", action="store_true",
+                        help="print the markdown table of outputs/demo/demo_results.json and exit")
+    parser.add_argument("--plot-only", action="store_true",
+                        help="redraw outputs/demo/demo.png from outputs/demo/demo_results.json and exit")
+    args = parser.parse_args(argv)
+
+    out = os.path.abspath(args.out)
+    results_json, figure = os.path.join(out, "demo_results.json"), os.path.join(out, "demo.png")
+    if args.readme_table:
+        print(readme_table(load_results(results_json)))
+        return {}
+    if args.plot_only:
+        print(f"figure written to {plot_from_json(results_json, figure)}")
+        return {}
+    for b in args.bits:
+        try:
+            w, a = parse_bits(b)
+        except argparse.ArgumentTypeError as exc:
+            raise SystemExit(f"error: {exc}") from None
+        if not (2 <= w <= 8 and 2 <= a <= 8):
+            raise SystemExit(f"error: {b}: bit widths must be 2..8")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise SystemExit("error: --seeds repeats a seed")
+    if args.epochs < 1:
+        raise SystemExit("error: --epochs must be at least 1")
+    train = dict(TRAIN, epochs=args.epochs)
+    settings = [b.upper() for b in args.bits]
+    jobs = max(1, args.jobs or len(args.seeds))
+
     t0 = time.perf_counter()
-    os.makedirs(OUT, exist_ok=True)
-    counts = write_digits_imagefolder()
-    print(f"digits ImageFolder at {DATA}: {counts['train']} train / {counts['val']} val images, 10 classes")
-    ckpt = os.path.join(OUT, "deit_digits.pth")
-    cached = os.path.isfile(ckpt) and not args.retrain
-    if cached:
-        meta = torch.load(ckpt, map_location="cpu", weights_only=True)
-        cached = meta.get("model_kwargs") == MODEL_KWARGS and meta.get("epochs") == args.epochs
-    if cached:
-        print(f"using the cached demo model {ckpt} (--retrain to train again)")
+    os.makedirs(out, exist_ok=True)
+    counts = write_digits_imagefolder(data_dir(out))
+    print(f"digits ImageFolder at {data_dir(out)}: {counts['train']} train / {counts['val']} val images, 10 classes")
+    print(f"{len(args.seeds)} seeds × {', '.join(settings)}: train a timm DeiT {MODEL_KWARGS} for "
+          f"{args.epochs} epochs per seed (cached), then FP → RepQ-ViT → + QwT through the classification CLI; "
+          f"{jobs} process(es) × {THREADS} thread; logs in {os.path.join(out, 'logs')}", flush=True)
+    per_seed: list[dict[str, Any]] = []
+    if jobs == 1:
+        for seed in args.seeds:
+            per_seed.append(_report(run_seed(seed, settings, args.retrain, out, train), t0))
     else:
-        print(f"training a timm DeiT ({MODEL_KWARGS}) on CPU for {args.epochs} epochs ...", flush=True)
-        train_demo_model(ckpt, args.epochs)
+        import multiprocessing as mp
 
-    results = {(4, 4): run_cli(ckpt, 4, 4, eval_fp=True)}
-    if args.w6a6:
-        results[(6, 6)] = run_cli(ckpt, 6, 6, eval_fp=False)
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+            futures = [pool.submit(run_seed, seed, settings, args.retrain, out, train) for seed in args.seeds]
+            per_seed = [_report(f.result(), t0) for f in futures]
+    summary = aggregate(per_seed, settings, counts, time.perf_counter() - t0, train)
+    _write_json(results_json, summary)
+    png = plot_from_json(results_json, figure)
+    print("\n" + format_summary(summary))
+    print(f"(demo took {time.perf_counter() - t0:.0f}s; results {results_json}; figure {png}; "
+          f"per-run JSON in {os.path.join(out, 'runs')})")
+    return summary
 
-    fp = results[(4, 4)]["accuracy"]["fp32"]["top1"]
-    print("\n=== demo summary: timm DeiT on digits (val top-1 %, "
-          f"{results[(4, 4)]['accuracy']['fp32']['count']} images) ===")
-    print(f"{'setting':<8} {'FP32':>7} {'RepQ-ViT':>9} {'+QwT':>7} {'QwT gain':>9}")
-    for (w, a), res in results.items():
-        base, qwt = res["accuracy"]["baseline"]["top1"], res["accuracy"]["qwt"]["top1"]
-        print(f"W{w}A{a:<6} {fp:7.2f} {base:9.2f} {qwt:7.2f} {qwt - base:+9.2f}")
-    print(f"(demo took {time.perf_counter() - t0:.0f}s; results JSON in {OUT})")
+
+def _report(res: dict[str, Any], t0: float) -> dict[str, Any]:
+    tr = res["train"]
+    trained = "cached model" if tr.get("cached") else f"trained in {tr['seconds']:.0f}s (val {tr['val_top1']:.2f})"
+    accs = "; ".join(f"{s} {r['accuracy']['baseline']['top1']:.2f} → {r['accuracy']['qwt']['top1']:.2f}"
+                     for s, r in res["runs"].items())
+    print(f"[{time.perf_counter() - t0:5.0f}s] seed {res['seed']}: {trained}; RepQ-ViT → + QwT: {accs}", flush=True)
+    return res
 
 
 if __name__ == "__main__":

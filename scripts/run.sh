@@ -7,6 +7,9 @@
 #            CC3M_SHARDS   webdataset shard pattern of image-caption pairs (quote the braces)
 # Optional:  CLIP_MODEL (ViT-B/32), CLIP_PRETRAINED (openai), CLIP_MODEL_CONFIG (json config),
 #            WBITS/ABITS (6/6), CLIP_OUTPUT_DIR (results/clip), PYTHON (python3),
+#            CLIP_NPROC (1; N > 1 runs every command under torchrun --nproc_per_node=N: one GPU per
+#            process, or gloo on CPU), CLIP_SAVE (1 = also save the quantized models next to the JSON,
+#            {choice}_qwt.pt, re-evaluate with --load_quantized),
 #            CLIP_EXTRA_ARGS (appended to every command, e.g. "--device cuda:1").
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,10 +39,30 @@ extra=(${CLIP_EXTRA_ARGS:-})
 bits=(--wq_params "${WBITS:-6}" --aq_params "${ABITS:-6}")
 data=(--imagenet-val "$IMAGENET_VAL" --train-data "$CC3M_SHARDS" --dataset-type webdataset)
 
+nproc="${CLIP_NPROC:-1}"
+if ! [[ "$nproc" =~ ^[1-9][0-9]*$ ]]; then
+    echo "scripts/run.sh: CLIP_NPROC=$nproc is not a positive integer" >&2
+    exit 2
+fi
+launch=("$PYTHON")
+if (( nproc > 1 )); then
+    launch=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$nproc")
+fi
+save_image=()
+save_all=()
+if [[ "${CLIP_SAVE:-0}" != "0" && "${CLIP_SAVE:-0}" != "1" ]]; then
+    echo "scripts/run.sh: CLIP_SAVE=${CLIP_SAVE} must be 0 or 1" >&2
+    exit 2
+fi
+if [[ "${CLIP_SAVE:-0}" == "1" ]]; then
+    save_image=(--save_quantized "$OUT/image_only_qwt.pt")
+    save_all=(--save_quantized "$OUT/all_quant_qwt.pt")
+fi
+
 set -x
-"$PYTHON" mm_clip/main.py --choice fp32_eval "${model_args[@]}" --imagenet-val "$IMAGENET_VAL" \
+"${launch[@]}" mm_clip/main.py --choice fp32_eval "${model_args[@]}" --imagenet-val "$IMAGENET_VAL" \
     --batch-size 128 --output "$OUT/fp32_eval.json" "${extra[@]}"
-"$PYTHON" mm_clip/main.py --choice image_only "${model_args[@]}" "${data[@]}" --batch-size 32 \
-    "${bits[@]}" --qwerty --output "$OUT/image_only_qwt.json" "${extra[@]}"
-"$PYTHON" mm_clip/main.py --choice all_quant "${model_args[@]}" "${data[@]}" --batch-size 32 \
-    "${bits[@]}" --qwerty --output "$OUT/all_quant_qwt.json" "${extra[@]}"
+"${launch[@]}" mm_clip/main.py --choice image_only "${model_args[@]}" "${data[@]}" --batch-size 32 \
+    "${bits[@]}" --qwerty --output "$OUT/image_only_qwt.json" "${save_image[@]}" "${extra[@]}"
+"${launch[@]}" mm_clip/main.py --choice all_quant "${model_args[@]}" "${data[@]}" --batch-size 32 \
+    "${bits[@]}" --qwerty --output "$OUT/all_quant_qwt.json" "${save_all[@]}" "${extra[@]}"

@@ -1,17 +1,48 @@
 #!/usr/bin/env bash
-# Creates the virtual environment and installs everything the toolkit and its tests need.
-# Usage: scripts/setup_env.sh [python] [venv_dir]
+# Creates the virtual environment and installs one or more layers of dependencies into it.
+# Usage: scripts/setup_env.sh [python] [venv_dir] [layer ...]      (default layers: core det test)
+#   core  torch, torchvision, timm, numpy, matplotlib, scikit-learn, open_clip, ... (requirements.txt)
+#         and this package (editable). Wheels only: nothing is compiled. Enough for `make demo`,
+#         classification and CLIP.
+#   det   detection: mmengine, pycocotools, ... (requirements-det.txt), mmcv 2.1.0 built from source
+#         once by scripts/build_mmcv.sh (10-50 minutes on 2 cores, then cached), mmdet 3.3.0.
+#   test  pytest (requirements-test.txt).
+# The Makefile calls it once per layer and stamps each layer ($VENV/.core-installed, ...).
 set -euo pipefail
 PYTHON=${1:-python3}
 VENV=${2:-.venv}
+shift $(( $# < 2 ? $# : 2 ))
+LAYERS=("$@")
+[ ${#LAYERS[@]} -gt 0 ] || LAYERS=(core det test)
 cd "$(dirname "$0")/.."
+for layer in "${LAYERS[@]}"; do
+    case "$layer" in core|det|test) ;; *) echo "setup_env.sh: unknown layer '$layer' (use core, det or test)" >&2; exit 2;; esac
+done
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PIP="$VENV/bin/pip"
-"$PIP" install -q --upgrade "pip<26" wheel "setuptools<81"
-"$PIP" install -q -r requirements.txt
-# mmcv 2.1.0 (for mmdet 3.3.0) is source-only: build it once, cache the wheel.
-bash scripts/build_mmcv.sh "$VENV"
-"$PIP" install -q --no-deps mmdet==3.3.0
-# mmdet is installed without its pinned deps (they would pull another mmcv); check it imports.
-"$VENV/bin/python" -c "import mmdet.apis; from mmdet.registry import MODELS; from mmcv.ops import nms"
-"$PIP" install -q --no-deps -e .
+
+for layer in "${LAYERS[@]}"; do
+    start=$(date +%s)
+    echo "== installing the '$layer' layer into $VENV"
+    case "$layer" in
+    core)
+        "$PIP" install -q -r requirements.txt
+        "$PIP" install -q --no-deps --no-build-isolation -e .
+        "$VENV/bin/python" -c "import torch, torchvision, timm, matplotlib, sklearn, qwt_core"
+        ;;
+    det)
+        # mmcv 2.1.0 builds only with setuptools<81 and without build isolation.
+        "$PIP" install -q --upgrade "pip<26" wheel "setuptools<81"
+        "$PIP" install -q -r requirements-det.txt
+        # mmcv 2.1.0 (for mmdet 3.3.0) is source-only: build it once, cache the wheel.
+        bash scripts/build_mmcv.sh "$VENV"
+        # mmdet without its pinned deps (they would pull another mmcv); check that it imports.
+        "$PIP" install -q --no-deps mmdet==3.3.0
+        "$VENV/bin/python" -c "import mmdet.apis; from mmdet.registry import MODELS; from mmcv.ops import nms"
+        ;;
+    test)
+        "$PIP" install -q -r requirements-test.txt
+        ;;
+    esac
+    echo "== '$layer' layer installed in $(( $(date +%s) - start ))s"
+done

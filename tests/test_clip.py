@@ -14,15 +14,20 @@ import pytest
 import torch
 from PIL import Image
 
+from torch.utils.data import DataLoader
+
 from mm_clip.errors import InputError
 from mm_clip.imagenet_zeroshot_data import (IMAGENET_CLASSNAMES, IMAGENET_WNIDS,
                                             OPENAI_IMAGENET_TEMPLATES)
-from mm_clip.main import main
+from mm_clip.main import main, prepare
 from mm_clip.models import canonical_model_name, load_clip, register_model_config, resolve_pretrained
 from mm_clip.wds_calib import draw_samples, expand_shards, index_shards, sample_calibration_pairs
-from qwt_core import QuantConv2d, set_quant_state
-from qwt_core.adapters.open_clip import (OpenCLIPSelfAttention, quantize_open_clip_text,
-                                         quantize_open_clip_visual, swap_attention)
+from mm_clip.zeroshot import evaluate_zero_shot
+from qwt_core import (CompensatedBlock, QuantConv2d, QuantLinear, UniformQuantizer, calibrate_repq,
+                      set_quant_state)
+from qwt_core import compensate as qwt_compensate
+from qwt_core.adapters.open_clip import (OpenCLIPSelfAttention, ZeroShotHead, quantize_open_clip_text,
+                                         quantize_open_clip_visual, quantize_zero_shot_head, swap_attention)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = {
@@ -360,6 +365,210 @@ def test_all_quant_without_qwerty_quantizes_text_and_keeps_visual_path(clip_data
     assert all(not e["compensated"] for e in allq["text"]["block_errors"])
 
 
+# --- the published bit table -------------------------------------------------------------------------
+
+LINEARS = ("attn.in_proj", "attn.out_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+def _published_table(choice, w, a, patch=None, classifier=True):
+    """layer → (weight bits, input bits) of the published QwT CLIP recipe on the 2+2-block tiny model:
+    conv1 W=w / A=8, every block Linear of a quantized tower W=w / A=a, the zero-shot classifier W=w / A=a
+    in image_only and fp32 (None) in all_quant; ``patch`` / ``classifier=False`` are the overrides."""
+    table = {"visual.conv1": patch or (w, 8)}
+    towers = ["visual"] + (["text"] if choice == "all_quant" else [])
+    for tower in towers:
+        for i in range(2):
+            for lin in LINEARS:
+                table[f"{tower}.transformer.resblocks.{i}.{lin}"] = (w, a)
+    table["classifier"] = (w, a) if choice == "image_only" and classifier else (None, None)
+    return table
+
+
+@pytest.mark.parametrize("choice, options, patch, classifier, published", [
+    ("image_only", [], None, True, True),
+    ("all_quant", [], None, True, True),
+    ("image_only", ["--patch-embed-wbits", "3", "--patch-embed-abits", "7", "--fp32-classifier"], (3, 7), False,
+     False),
+    ("all_quant", ["--patch-embed-bits", "5"], (5, 5), True, False),
+])
+def test_bit_table_is_the_published_recipe(clip_data, tmp_path, choice, options, patch, classifier, published):
+    """Each quantized layer's weight and input bits, read from its quantizers, equal the published
+    table (conv1 W/A8, blocks W/A, classifier W/A in image_only, fp32 in all_quant) or the options."""
+    out = tmp_path / "bits.json"
+    res = main(_base_args(clip_data, choice, out) + ["--batch-size", "8", "--iter", "1", "--repq-size", "8",
+                                                     "--wq_params", "4", "--aq_params", "5"] + options)
+    table = {r["layer"]: (r["w_bits"], r["a_bits"]) for r in res["bit_table"]}
+    assert table == _published_table(choice, 4, 5, patch, classifier)
+    rows = {r["layer"]: r for r in res["bit_table"]}
+    # after the RepQ-ViT reparameterization every activation quantizer is per tensor
+    assert {r["input"] for r in res["bit_table"] if r["w_bits"] is not None} == {"per-tensor"}
+    assert rows["visual.conv1"]["type"] == "Conv2d"
+    saved = json.loads(out.read_text())
+    assert saved["bit_table"] == res["bit_table"]
+    assert saved["recipe"]["published_defaults"] is published
+    assert saved["patch_embed_bits"] == list(patch or (4, 8))
+    assert saved["classifier"] == ([4, 5] if choice == "image_only" and classifier else "fp32")
+    assert saved["recipe"]["text_blocks"] == ({"w_bits": 4, "a_bits": 5} if choice == "all_quant" else "fp32")
+
+
+def test_quantized_classifier_is_calibrated_by_the_repq_batch(clip_data):
+    """The zero-shot classifier is a QuantLinear (normalised image features per tensor at A bits, class
+    embeddings per class at W bits) whose quantizers the RepQ-ViT batch initialises, in the first
+    calibration forward, through the visual tower; conv1 reads its input at 8 bits by default."""
+    import copy
+
+    name = register_model_config(clip_data["config"])
+    model, _, _ = load_clip(name, None, torch.device("cpu"))
+    torch.manual_seed(0)
+    classes = torch.nn.functional.normalize(torch.randn(32, 5), dim=0)  # (E, C)
+    images = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        fp_logits = ZeroShotHead(classes)(model.encode_image(images))
+        head = quantize_zero_shot_head(ZeroShotHead(classes), 3, 4)
+        assert isinstance(head.fc, QuantLinear) and head.quantized
+        qm = quantize_open_clip_visual(model.visual, 4, 4, head=head)
+        assert qm.block_names == ["transformer.resblocks.0", "transformer.resblocks.1"]
+        conv1 = model.visual.conv1
+        assert (conv1.weight_quantizer.n_bits, conv1.input_quantizer.n_bits) == (4, 8)
+        first_pass = copy.deepcopy(qm.model)  # the state the first RepQ-ViT forward sees
+        set_quant_state(first_pass, True, True)
+        first_pass(images)
+        calibrate_repq(qm, images)
+        fc = head.fc
+        assert fc.input_quantizer.is_inited and fc.weight_quantizer.is_inited
+        assert fc.input_quantizer.delta.numel() == 1  # per tensor
+        assert fc.weight_quantizer.delta.shape == (5, 1)  # per class
+        torch.testing.assert_close(fc.input_quantizer.delta, first_pass.head.fc.input_quantizer.delta)
+        reference = UniformQuantizer(3, channel_wise=True, channel_dim=0)
+        reference(classes.T.contiguous())
+        torch.testing.assert_close(fc.weight_quantizer.delta, reference.delta)
+        levels = conv1.input_quantizer(images).unique().numel()
+        assert 2 ** 4 < levels <= 2 ** 8  # 8-bit input, not the 4 activation bits
+        q_logits = qm.model(images)
+        with torch.no_grad():
+            set_quant_state(head, False, False)
+            fp_head_logits = qm.model(images)
+        assert (q_logits - fp_head_logits).abs().max() > 0  # the classifier quantization is active
+        assert q_logits.shape == fp_logits.shape == (8, 5)
+
+
+def test_visual_block0_null_direction_gets_no_weight(clip_data):
+    """Block 0 reads ln_pre's output, whose channels satisfy Σ_c (x_c − β_c)/γ_c = 0 exactly: the QwT
+    features are rank-deficient. The default fit reports it and puts no weight along that direction;
+    the papers' rule (in-sample gate, no ridge) puts a huge one there, which an input slightly off the
+    LayerNorm manifold turns into a huge error."""
+    import copy
+
+    name = register_model_config(clip_data["config"])
+    torch.manual_seed(0)
+    base, _, _ = load_clip(name, None, torch.device("cpu"))
+    with torch.no_grad():
+        gamma = base.visual.ln_pre.weight
+        gamma.copy_(torch.rand_like(gamma) * 1.5 + 0.25)
+        gamma[:3] *= 20  # LayerNorm outlier channels, as in real CLIP checkpoints
+        base.visual.ln_pre.bias.normal_(0, 0.5)
+    null = (1 / base.visual.ln_pre.weight.detach().double())
+    null = null / null.norm()
+    images = torch.randn(128, 3, 32, 32)
+    norms = {}
+    for label, kwargs in (("default", {}), ("papers", {"gate": "insample", "ridge": 0.0})):
+        model = copy.deepcopy(base)
+        qm = quantize_open_clip_visual(model.visual, 4, 4)
+        calibrate_repq(qm, images[:32])
+        report = qwt_compensate(qm, list(images.split(32)), progress=False, **kwargs)
+        block = model.visual.transformer.resblocks[0]
+        assert report.blocks[0].rank_deficiency == 1 and isinstance(block, CompensatedBlock)
+        weight = block.compensation.weight.detach().double()
+        norms[label] = ((weight @ null).norm().item(), weight.norm().item())
+    assert norms["default"][0] < 1e-4 and norms["default"][1] < 10
+    assert norms["papers"][0] > 1e2  # what the bounded fit avoids (the issue measured 3.8e4 on ViT-B/32)
+
+
+# --- multi-process, save / load, plot -------------------------------------------------------------------
+
+def _distributed_args(d, out):
+    return _base_args(d, "image_only", out) + ["--batch-size", "8", "--iter", "4", "--repq-size", "8",
+                                              "--wq_params", "4", "--aq_params", "4", "--qwerty",
+                                              "--diagnostics"]
+
+
+def test_two_process_gloo_run_matches_single_process(clip_data, tmp_path):
+    """torchrun --nproc_per_node=2 on CPU (gloo): same RepQ-ViT batch on both ranks, QwT pairs split
+    16 + 16 with all-reduced moments, sharded evaluation counting each image once; top-1 / top-5 equal
+    the single-process run's, and so do the per-block R² and errors. The single run also draws --plot."""
+    single_out, dual_out, png = tmp_path / "single.json", tmp_path / "dual.json", tmp_path / "blocks.png"
+    single = main(_distributed_args(clip_data, single_out) + ["--plot", str(png)])
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           os.path.join(ROOT, "mm_clip", "main.py")] + _distributed_args(clip_data, dual_out),
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dual = json.loads(dual_out.read_text())
+    assert (single["world_size"], dual["world_size"]) == (1, 2)
+    assert dual["num_images"] == single["num_images"] == 12
+    assert (dual["top1"], dual["top5"]) == (single["top1"], single["top5"])
+    assert dual["calibration"]["qwt_samples_per_rank"] == [16, 16]
+    assert single["calibration"]["qwt_samples_per_rank"] == [32]
+    assert dual["bit_table"] == single["bit_table"]
+    for b1, b2 in zip(single["visual"]["qwt"]["blocks"], dual["visual"]["qwt"]["blocks"]):
+        assert (b1["applied"], b1["rows"]) == (b2["applied"], b2["rows"])
+        assert b1["r2"] == pytest.approx(b2["r2"], abs=1e-5)
+    for e1, e2 in zip(single["visual"]["block_errors"], dual["visual"]["block_errors"]):
+        assert e1["mse_compensated"] == pytest.approx(e2["mse_compensated"], rel=1e-4)
+    # the figure of the single run
+    assert single["plot"] == str(png) and png.stat().st_size > 1000
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_save_and_load_quantized_all_quant(clip_data, tmp_path):
+    """--save_quantized writes both quantized + compensated towers and the classifier; --load_quantized
+    rebuilds them without calibration data and gives identical embeddings, logits and top-1."""
+    path = tmp_path / "clip_w4a4.pt"
+    args = _base_args(clip_data, "all_quant", tmp_path / "a.json") + [
+        "--batch-size", "8", "--iter", "2", "--repq-size", "8", "--wq_params", "4", "--aq_params", "4",
+        "--qwerty"]
+    original = prepare(args + ["--save_quantized", str(path)])
+    assert path.is_file()
+    load_args = ["--choice", "all_quant", "--imagenet-val", clip_data["val"], "--restrict-classes",
+                 "--load_quantized", str(path), "--workers", "0", "--no-progress", "--batch-size", "5"]
+    loaded = prepare(load_args)
+    a, b = original.bundle, loaded.bundle
+    n_comp = sum(isinstance(m, CompensatedBlock) for m in a.modules())
+    assert n_comp > 0 and sum(isinstance(m, CompensatedBlock) for m in b.modules()) == n_comp
+    images = torch.stack([original.dataset[i][0] for i in range(6)])
+    tokens = open_clip.get_tokenizer("tiny_clip")(["a red fish", "the dog on the grass", "sky"])
+    with torch.no_grad():
+        assert torch.equal(a.clip.encode_image(images), b.clip.encode_image(images))
+        assert torch.equal(a.clip.encode_text(tokens), b.clip.encode_text(tokens))
+        assert torch.equal(a(images), b(images))
+    assert torch.equal(a.head.fc.weight, b.head.fc.weight) and not b.head.quantized  # all_quant: fp32 product
+    assert loaded.results["bit_table"] == original.results["bit_table"]
+    meta = loaded.results["loaded_meta"]
+    assert (meta["choice"], meta["w_bits"], meta["patch_embed_bits"], meta["qwt"]) == ("all_quant", 4, [4, 8], True)
+    res = main(load_args + ["--output", str(tmp_path / "loaded.json")])
+    want = evaluate_zero_shot(a, DataLoader(original.dataset, batch_size=5), torch.device("cpu"), progress=False)
+    assert (res["top1"], res["top5"], res["num_images"]) == (want["top1"], want["top5"], want["num_images"])
+    # a file must be loaded with its own choice and bits
+    assert "saved from --choice all_quant, not image_only" in _exit_message(
+        ["--choice", "image_only"] + load_args[2:])
+    assert "saved with --wq_params 4, not 6" in _exit_message(load_args + ["--wq_params", "6"])
+
+
+def test_cli_option_errors(clip_data, tmp_path):
+    args = _base_args(clip_data, "image_only", tmp_path / "r.json")
+    assert "--patch-embed-bits sets both" in _exit_message(args + ["--patch-embed-bits", "8",
+                                                                   "--patch-embed-abits", "8"])
+    assert "--patch-embed-abits=9" in _exit_message(args + ["--patch-embed-abits", "9"])
+    assert "add --qwerty" in _exit_message(args + ["--plot", str(tmp_path / "p.png")])
+    assert "ending in .png" in _exit_message(args + ["--qwerty", "--plot", str(tmp_path / "p.pdf")])
+    fp32 = _base_args(clip_data, "fp32_eval", tmp_path / "r.json")
+    assert "needs a quantized model" in _exit_message(fp32 + ["--save_quantized", str(tmp_path / "m.pt")])
+    assert "no such file" in _exit_message(args + ["--load_quantized", str(tmp_path / "missing.pt")])
+    assert "exclude each other" in _exit_message(args + ["--load_quantized", str(tmp_path / "m.pt"),
+                                                         "--save_quantized", str(tmp_path / "n.pt")])
+    assert not (tmp_path / "r.json").exists()
+
+
 # --- scripts/run.sh -----------------------------------------------------------------------------------
 
 def test_run_sh_explains_missing_env():
@@ -375,9 +584,9 @@ def test_run_sh_end_to_end_on_test_data(clip_data, tmp_path):
                CLIP_MODEL_CONFIG=clip_data["config"], CLIP_PRETRAINED="none",
                CLIP_OUTPUT_DIR=str(tmp_path), PYTHON=sys.executable,
                CLIP_EXTRA_ARGS="--restrict-classes --iter 1 --batch-size 12 --workers 0 "
-                               "--index-cache none --no-progress")
+                               "--index-cache none --no-progress", OMP_NUM_THREADS="1")
     proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "run.sh")], env=env,
-                          capture_output=True, text=True, timeout=170)
+                          capture_output=True, text=True, timeout=600)  # a hang guard, not a timing check
     assert proc.returncode == 0, proc.stderr[-2000:]
     names = sorted(os.listdir(tmp_path))
     assert names == ["all_quant_qwt.json", "fp32_eval.json", "image_only_qwt.json"]

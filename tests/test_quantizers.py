@@ -114,3 +114,141 @@ def test_bad_bit_width(bad):
         validate_bits(bad)
     with pytest.raises(ValueError):
         UniformQuantizer(bad)
+
+
+# ------------------------------------------------------------------ topk quantiles == kthvalue
+from qwt_core.quantizers import exact_quantiles  # noqa: E402
+
+
+def _kthvalue_quantile(x: torch.Tensor, q: float, dim: int) -> torch.Tensor:
+    """The previous ``exact_quantile`` (two kthvalue calls), kept verbatim as the reference."""
+    n = x.shape[dim]
+    rank = float(torch.tensor(q, dtype=x.dtype)) * (n - 1)
+    lo_idx, hi_idx = math.floor(rank), math.ceil(rank)
+    weight = torch.tensor(rank - lo_idx, dtype=x.dtype, device=x.device)
+    lo = torch.kthvalue(x, lo_idx + 1, dim=dim).values
+    hi = lo if hi_idx == lo_idx else torch.kthvalue(x, hi_idx + 1, dim=dim).values
+    return torch.lerp(lo, hi, weight)
+
+
+def _heavy_tailed_data(seed: int) -> dict[str, torch.Tensor]:
+    """Normal, Student-t (3 dof), Cauchy, and data with many ties, as ``(C, N)`` rows."""
+    g = torch.Generator().manual_seed(seed)
+    normal = torch.randn(6, 4099, generator=g)
+    chi2 = torch.randn(6, 4099, 3, generator=g).pow(2).sum(-1)
+    student_t = torch.randn(6, 4099, generator=g) / (chi2 / 3).sqrt()
+    cauchy = torch.tan(math.pi * (torch.rand(6, 4099, generator=g) - 0.5))
+    ties = torch.randint(-3, 4, (6, 4099), generator=g).float()  # 7 distinct values
+    return {"normal": normal, "student_t": student_t, "cauchy": cauchy, "ties": ties}
+
+
+QS = [1.0 - p for p in (0.999, 0.9999, 0.99999)] + [0.999, 0.9999, 0.99999, 0.0, 1.0, 0.25, 0.5]
+
+
+@pytest.mark.parametrize("dist", ["normal", "student_t", "cauchy", "ties"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_topk_quantiles_bit_identical_to_kthvalue(dist, dtype):
+    x = _heavy_tailed_data(0)[dist].to(dtype)
+    for method in ("topk", "auto"):
+        # per channel (rows) and per tensor (one flattened row)
+        for data, dim in ((x, 1), (x.reshape(-1), 0), (x.T.contiguous(), 0)):
+            ours = exact_quantiles(data, QS, dim=dim, method=method)
+            for q, value in zip(QS, ours):
+                ref = _kthvalue_quantile(data, q, dim)
+                assert torch.equal(value, ref), (dist, method, q, dim)
+                assert torch.equal(exact_quantile(data, q, dim=dim, method="kthvalue"), ref)
+                assert torch.equal(exact_quantile(data, q, dim=dim, method=method), ref)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 17, 1000, 1001])
+def test_topk_quantiles_tiny_and_odd_sizes(n):
+    g = torch.Generator().manual_seed(n)
+    x = torch.cat([torch.randn(3, n, generator=g), torch.zeros(1, n),  # a constant row
+                   torch.randint(0, 2, (1, n), generator=g).float()])  # only two values
+    for q in QS:
+        ref = _kthvalue_quantile(x, q, 1)
+        assert torch.equal(exact_quantile(x, q, dim=1, method="topk"), ref), (n, q)
+        assert torch.equal(exact_quantile(x, q, dim=1), ref), (n, q)
+        assert torch.allclose(ref, torch.quantile(x, q, dim=1), rtol=0, atol=5e-5)
+
+
+def test_quantizer_init_unchanged_by_topk(monkeypatch):
+    """Quantizer calibration with topk quantiles equals the kthvalue reference exactly."""
+    import qwt_core.quantizers as qz
+    g = torch.Generator().manual_seed(1)
+    act = torch.randn(4, 50, 96, generator=g) * torch.linspace(0.1, 20, 96)
+    act[0, 0] = 300.0  # an outlier channel value
+    attn = torch.randn(4, 3, 50, 50, generator=g).mul(3).softmax(-1)
+    weight = torch.tan(math.pi * (torch.rand(64, 96, generator=g) - 0.5))  # Cauchy weights
+
+    def calibrate() -> list[torch.Tensor]:
+        out = []
+        for make, x in ((lambda: UniformQuantizer(4, channel_wise=True, channel_dim=-1), act),
+                        (lambda: UniformQuantizer(4), act),
+                        (lambda: UniformQuantizer(3, channel_wise=True, channel_dim=0), weight),
+                        (lambda: PercentileQuantizer(4, percentile=0.999), act),
+                        (lambda: LogSqrt2Quantizer(4), attn)):
+            q = make()
+            out += [q(x), q.delta.clone()] + ([q.zero_point.clone()] if hasattr(q, "zero_point") else [])
+        return out
+
+    fast = calibrate()
+    monkeypatch.setattr(qz, "exact_quantiles",  # the previous per-quantile kthvalue code
+                        lambda x, qs, dim=-1, method="auto": [_kthvalue_quantile(x, q, dim) for q in qs])
+    slow = calibrate()
+    assert len(fast) == len(slow)
+    for a, b in zip(fast, slow):
+        assert torch.equal(a, b)
+
+
+def test_exact_quantile_bad_arguments():
+    with pytest.raises(ValueError, match="quantile q"):
+        exact_quantiles(torch.randn(10), [0.5, 1.5], dim=0)
+    with pytest.raises(ValueError, match="method"):
+        exact_quantile(torch.randn(10), 0.5, dim=0, method="sort")
+    with pytest.raises(ValueError, match="empty"):
+        exact_quantile(torch.randn(3, 0), 0.5, dim=1)
+
+
+# ------------------------------------------------------------------ host flag mirrors the buffer
+def test_inited_flag_follows_buffer_through_reset_and_load():
+    q = UniformQuantizer(4)
+    assert not q.is_inited and not bool(q.inited)
+    q(torch.randn(100))
+    assert q.is_inited and bool(q.inited)
+    state = {k: v.clone() for k, v in q.state_dict().items()}
+    q.reset()
+    assert not q.is_inited and not bool(q.inited)
+    fresh = UniformQuantizer(4)
+    fresh.load_state_dict(state)
+    assert fresh.is_inited and torch.equal(fresh.delta, state["delta"])
+    q.load_state_dict(fresh.state_dict())
+    assert q.is_inited
+    q.load_state_dict(UniformQuantizer(4).state_dict())  # an uncalibrated state turns it off
+    assert not q.is_inited
+    q.set_params(torch.tensor(0.5), torch.tensor(1.0))
+    assert q.is_inited and bool(q.inited)
+
+
+def test_prefiltered_topk_of_one_huge_row_is_exact():
+    """Per-tensor rows above ``PREFILTER_MIN_N`` take the sampled-threshold shortcut: same values."""
+    from qwt_core.quantizers import PREFILTER_MIN_N, _tail_topk
+    g = torch.Generator().manual_seed(2)
+    n = PREFILTER_MIN_N + 4099
+    normal = torch.randn(n, generator=g)
+    cauchy = torch.tan(math.pi * (torch.rand(n, generator=g) - 0.5))
+    ties = torch.randint(-2, 3, (n,), generator=g).float()
+    clustered = normal.clone()
+    clustered[1000:3000] += 50.0  # all extreme values in one piece of the row (a "massive token")
+    with_nan = normal.clone()
+    with_nan[[7, 70000, n - 1]] = float("nan")
+    for name, x in (("normal", normal), ("cauchy", cauchy), ("ties", ties),
+                    ("clustered", clustered), ("nan", with_nan)):
+        for k in (n // 1000 + 2, 3, 263):
+            for largest in (True, False):
+                ours = _tail_topk(x[None], k, 1, largest)
+                ref = torch.topk(x[None], k, 1, largest=largest).values
+                assert torch.equal(ours.nan_to_num(123.0), ref.nan_to_num(123.0)), (name, k, largest)
+        if name != "nan":
+            for q in QS:
+                assert torch.equal(exact_quantile(x, q, dim=0), _kthvalue_quantile(x, q, 0)), (name, q)

@@ -24,7 +24,37 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+DETECTION_SETUP = "make det"
+
+
+def require_detection_stack() -> None:
+    """One-line ``SystemExit`` naming the command to run when mmengine / mmcv (with its compiled ops) /
+    mmdet are missing: they are the optional detection layer, not part of the core install."""
+    try:
+        import mmengine  # noqa: F401
+        from mmcv.ops import nms  # noqa: F401
+        import mmdet  # noqa: F401
+    except Exception as err:  # noqa: BLE001 - ImportError, or mmcv without its compiled ops
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise SystemExit(f"error: detection needs mmengine, mmcv 2.1.0 with its compiled ops and mmdet 3.3.0, "
+                         f"which are not installed here ({reason}): run `{DETECTION_SETUP}` in the repository "
+                         f"root once (compiles mmcv, 10-50 minutes on 2 cores; cached afterwards)") from None
+
+
+def write_plot(summary: dict[str, Any], path: str) -> str:
+    """Per-block backbone output error to FP before/after QwT, with R², from the summary written as
+    JSON (``summary["qwt_report"]["blocks"]``); returns the PNG path."""
+    from qwt_core.plotting import plot_block_errors
+
+    ap = summary.get("ap", {})
+    box = " → ".join(f"{ap[k]['bbox']:.1f}" for k in ("repq", "qwt") if ap.get(k, {}).get("bbox") is not None)
+    title = (f"{Path(str(summary['config'])).stem}\nW{summary['w_bits']}A{summary['a_bits']}: per-block backbone "
+             f"output error to FP" + (f" (box AP RepQ-ViT → + QwT: {box})" if box else ""))
+    return plot_block_errors(summary["qwt_report"]["blocks"], path, title)
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    require_detection_stack()
     from mmengine.config import DictAction
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,9 +74,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--start_block", "--start-block", dest="start_block", type=int, default=0,
                    help="first backbone block that QwT compensates")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration image shuffle")
+    p.add_argument("--calib-source", "--calib_source", dest="calib_source", choices=["folder", "synthetic"],
+                   default="folder", help="folder: qwt_calib.img_dir images (train2017); synthetic: a set "
+                   "made by tools/synthesize.py from this checkpoint (no real images)")
+    p.add_argument("--synth-dir", "--synth_dir", dest="synth_dir", default=None,
+                   help="synthetic set folder (with --calib-source synthetic)")
+    p.add_argument("--synth-size", "--synth_size", dest="synth_size", type=int, default=None,
+                   help="resize synthetic images to this square size for calibration (default: the "
+                   "qwt_calib pipeline's Resize scale, 224; 0 keeps the synthesis size)")
     p.add_argument("--integer-zero-point", action="store_true",
                    help="round the reparameterized zero point (exact; the reference keeps it fractional)")
     p.add_argument("--output", default=None, help="JSON file for the results (default WORK_DIR/results.json)")
+    p.add_argument("--plot", default=None, metavar="PATH.png",
+                   help="also draw the per-block backbone output error to FP before/after QwT (with R²) "
+                        "from the same run as the JSON")
     p.add_argument("--work-dir", "--work_dir", dest="work_dir", default=None,
                    help="folder for logs and results (default work_dirs/<config name>)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -92,6 +133,17 @@ def load_config(args: argparse.Namespace):
     return cfg
 
 
+def _synth_size(pipeline: Sequence[dict]) -> Optional[int]:
+    """Square size of the first fixed ``Resize`` of the QwT calibration pipeline (224), else None."""
+    for step in pipeline:
+        scale = step.get("scale") if step.get("type") == "Resize" else None
+        if scale is not None and not step.get("keep_ratio", False):
+            s = scale if isinstance(scale, int) else scale[0]
+            if isinstance(scale, int) or scale[0] == scale[1]:
+                return int(s)
+    return None
+
+
 def _seed_everything(seed: int) -> None:
     import numpy as np
     import torch
@@ -128,6 +180,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         validate_bits(args.a_bits, "--a_bits")
     except ValueError as err:
         raise SystemExit(str(err)) from err
+    if args.plot is not None and not args.plot.lower().endswith(".png"):
+        raise SystemExit(f"--plot {args.plot}: the figure is a PNG, the file name must end in .png")
     cfg = load_config(args)
     args.checkpoint = str(resolve_path(args.checkpoint, ROOT, ROOT / "det_repq_vit"))
     if not Path(args.checkpoint).is_file():
@@ -139,7 +193,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     from mmengine.registry import init_default_scope
 
     from det_repq_vit.checkpoint import load_detector_checkpoint
-    from det_repq_vit.data import CalibrationImages, check_test_data, list_calibration_images, shard
+    from det_repq_vit.data import (CalibrationImages, SyntheticCalibrationImages, check_synthetic_teacher,
+                                   check_test_data, list_calibration_images, shard, synthetic_calibration_set)
     from det_repq_vit.evaluate import build_evaluator, build_test_loader, evaluate_detector
     from det_repq_vit.ptq import calibrate_detector_repq, compensate_backbone, quantize_detector
     from qwt_core.distributed import get_rank, get_world_size, init_distributed_from_env, is_main_process
@@ -159,13 +214,25 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     repq_batch = args.calib_batch or calib.repq_batch
     if calib_size < world:
         raise SystemExit(f"--calib_size {calib_size} is smaller than the number of processes {world}")
-    paths = list_calibration_images(calib.img_dir, max(calib_size, repq_batch), args.seed)
+    synth = None
+    if args.calib_source == "synthetic":
+        if not args.synth_dir:
+            raise SystemExit("--calib-source synthetic needs --synth-dir DIR (made by tools/synthesize.py)")
+        pre = cfg.model.data_preprocessor
+        synth = synthetic_calibration_set(args.synth_dir, pre.mean, pre.std, max(calib_size, repq_batch))
+        synth_size = _synth_size(calib.pipeline) if args.synth_size is None else (args.synth_size or None)
+    elif args.synth_dir:
+        raise SystemExit("--synth-dir is only used with --calib-source synthetic")
+    else:
+        paths = list_calibration_images(calib.img_dir, max(calib_size, repq_batch), args.seed)
 
     _seed_everything(args.seed)
     from mmdet.registry import MODELS
 
     model = MODELS.build(cfg.model)
     info = load_detector_checkpoint(model, args.checkpoint)
+    if synth is not None:
+        check_synthetic_teacher(synth, model, args.checkpoint)
     model.to(device).eval()
     if is_main_process():
         print(f"loaded {args.checkpoint} ({info['tensors']} tensors"
@@ -185,14 +252,21 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     qm = quantize_detector(model, args.w_bits, args.a_bits)
-    repq_images = CalibrationImages(paths[:repq_batch], calib.pipeline, repq_batch, model.data_preprocessor)
+    if synth is not None:
+        repq_images = SyntheticCalibrationImages(synth, range(repq_batch), repq_batch, device, synth_size)
+    else:
+        repq_images = CalibrationImages(paths[:repq_batch], calib.pipeline, repq_batch, model.data_preprocessor)
     calibrate_detector_repq(qm, next(iter(repq_images)), integer_zero_point=args.integer_zero_point)
     timings["repq_calibration"] = time.perf_counter() - t0
     run_eval("repq")
 
     t0 = time.perf_counter()
-    qwt_images = CalibrationImages(shard(paths[:calib_size], rank, world), calib.pipeline,
-                                   calib.get("batch_size", 32), model.data_preprocessor)
+    if synth is not None:
+        qwt_images = SyntheticCalibrationImages(synth, shard(list(range(calib_size)), rank, world),
+                                                calib.get("batch_size", 32), device, synth_size)
+    else:
+        qwt_images = CalibrationImages(shard(paths[:calib_size], rank, world), calib.pipeline,
+                                       calib.get("batch_size", 32), model.data_preprocessor)
     report = compensate_backbone(qm, qwt_images, start_block=args.start_block)
     timings["qwt"] = time.perf_counter() - t0
     run_eval("qwt")
@@ -201,7 +275,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "config": str(args.config), "checkpoint": str(args.checkpoint),
         "w_bits": args.w_bits, "a_bits": args.a_bits, "calib_size": calib_size,
         "repq_batch": repq_batch, "start_block": args.start_block, "seed": args.seed,
-        "world_size": world, "results": results,
+        "world_size": world, "results": results, "calib_source": args.calib_source,
+        "synth_dir": args.synth_dir,
         "ap": {k: {"bbox": _ap(v, "bbox"), "segm": _ap(v, "segm")} for k, v in results.items()},
         "qwt_report": report.to_dict(), "seconds": timings,
     }
@@ -209,6 +284,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         print(report.format_table())
         print(format_table(results, args.w_bits, args.a_bits))
         out = Path(args.output) if args.output else Path(cfg.work_dir) / f"results_w{args.w_bits}a{args.a_bits}.json"
+        if args.plot:
+            summary["plot"] = write_plot(summary, args.plot)
+            print(f"figure written to {summary['plot']}")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(summary, indent=2))
         print(f"results written to {out}")

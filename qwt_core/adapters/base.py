@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional, Union
 
 import torch
 from torch import nn
 
 from ..modules import QuantLinear
 from ..quantize import LayerBits
-from ..qwt import RunBlock, Transition
+from ..qwt import BlockInput, RunBlock, Transition
 
 
 @dataclass
@@ -20,21 +20,27 @@ class QuantizedModel:
         model: the model (modified in place by the adapter).
         ln_pairs: (LayerNorm, QuantLinear) pairs to reparameterize after the first calibration pass.
         block_names: qualified names of the blocks QwT compensates, in forward order.
-        first_block_input: images ``(B, 3, H, W)`` → input of the first block (quantized model).
+        first_block_input: a batch (images ``(B, 3, H, W)`` for the image adapters) → input of the
+            first block (quantized model): a Tensor or a :class:`~qwt_core.qwt.BlockInput`.
         transition: glue between consecutive blocks (e.g. Swin patch merging), or None.
-        run_block: how to call a block, or None for ``block(x)``.
+        run_block: how to call a block, ``(i, block, x, **block_kwargs) -> y``, or None for
+            ``block(x, **block_kwargs)``.
         form: ``"token"`` (channels-last Linear compensation) or ``"conv"`` (grouped conv).
         meta: free-form description (family, bits) saved with the model.
+        qwt_kwargs: the adapter's QwT recipe defaults (e.g. ``{"gate": "insample", "ridge": 1e-3}``),
+            passed by :func:`qwt_core.compensate` to :func:`qwt_core.apply_qwt`; explicit arguments
+            of ``compensate`` override them.
     """
 
     model: nn.Module
     ln_pairs: list[tuple[nn.Module, QuantLinear]]
     block_names: list[str]
-    first_block_input: Callable[[torch.Tensor], torch.Tensor]
+    first_block_input: Callable[[Any], Union[torch.Tensor, BlockInput]]
     transition: Optional[Transition] = None
     run_block: Optional[RunBlock] = None
     form: Literal["token", "conv"] = "token"
     meta: dict[str, Any] = field(default_factory=dict)
+    qwt_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 def transformer_layer_rule(w_bits: int, a_bits: int, eight_bit: tuple[str, ...],

@@ -1,4 +1,5 @@
-"""RepQ-ViT / QwT adapter for open_clip CLIP models (visual ``VisionTransformer`` and the text tower).
+"""RepQ-ViT / QwT adapter for open_clip CLIP models (visual ``VisionTransformer``, the text tower and
+the zero-shot classifier).
 
 open_clip's ``ResidualAttentionBlock`` uses ``nn.MultiheadAttention``, whose input projection is a raw
 ``in_proj_weight`` parameter that no Linear-swapping rule can reach. :class:`OpenCLIPSelfAttention`
@@ -13,9 +14,15 @@ Per tower the adapter returns a :class:`~qwt_core.adapters.base.QuantizedModel`:
   ``ln_1 → attn.in_proj`` and ``ln_2 → mlp.c_fc``; blocks ``transformer.resblocks.{i}``; the first block
   input is conv1 → class token → positional embedding → (patch dropout) → ``ln_pre``, in the layout
   the blocks expect (recent open_clip is batch first, ``(B, L, D)``; older releases ``(L, B, D)``).
+  ``conv1`` reads its input at 8 bits with weights at W (the published CLIP recipe). With a
+  zero-shot ``head`` the model is :class:`OpenCLIPZeroShot` (images → logits), so the RepQ-ViT
+  calibration forward also initialises the classifier's quantizers.
 * text: an :class:`OpenCLIPTextTower` view (``forward(tokens) = clip.encode_text(tokens)``) whose
   ``transformer`` is the CLIP text transformer; the first block input is token + positional
   embedding; blocks run with the causal attention mask.
+* zero-shot classifier: :class:`ZeroShotHead`, ``logits = normalize(features) · classifierᵀ`` as a
+  Linear; :func:`quantize_zero_shot_head` makes it a QuantLinear (input per tensor at A bits, weight =
+  the normalised class embeddings per output channel = per class at W bits).
 
 ``visual.proj``, ``text_projection`` and the token embedding are parameters / an Embedding and stay
 fp32, as in the reference.
@@ -28,9 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modules import QuantMatMul
+from ..modules import QuantLinear, QuantMatMul, quant_layers
 from ..quantize import LayerBits, quantize_layers
 from .base import QuantizedModel
+
+PATCH_EMBED_INPUT_BITS = 8  # published CLIP recipe: conv1 reads its input at 8 bits (forced)
 
 
 class OpenCLIPSelfAttention(nn.Module):
@@ -167,24 +176,92 @@ def _is_batch_first(transformer: nn.Module) -> bool:
     return bool(transformer.resblocks[0].attn.batch_first)
 
 
+class ZeroShotHead(nn.Module):
+    """The zero-shot classifier as a Linear: ``logits = normalize(features) · classifierᵀ``.
+
+    ``class_embeddings`` ``(E, C)`` are the normalised class embeddings (one column per class, as
+    ``build_zero_shot_classifier`` returns them). ``forward(features (B, E)) → (B, C)``: the features
+    are L2-normalised, then ``fc`` (``nn.Linear(E, C, bias=False)``, weight ``(C, E)``) is applied.
+    The logit scale is left out: it does not change the argmax.
+    """
+
+    def __init__(self, class_embeddings: torch.Tensor) -> None:
+        super().__init__()
+        if class_embeddings.dim() != 2:
+            raise ValueError(f"class_embeddings must be (E, C), got shape {tuple(class_embeddings.shape)}")
+        e, c = class_embeddings.shape
+        self.fc = nn.Linear(e, c, bias=False, device=class_embeddings.device,
+                            dtype=class_embeddings.dtype)
+        with torch.no_grad():
+            self.fc.weight.copy_(class_embeddings.T)
+
+    @property
+    def num_classes(self) -> int:
+        return self.fc.out_features
+
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.fc, QuantLinear)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.normalize(features, dim=-1))
+
+
+def quantize_zero_shot_head(head: ZeroShotHead, w_bits: int, a_bits: int) -> ZeroShotHead:
+    """Make ``head.fc`` a QuantLinear in place: input (the normalised image features) per tensor at
+    ``a_bits``, weight (the class embeddings) per output channel (= per class) at ``w_bits``.
+    Its quantizers initialise on the first batch they see (the RepQ-ViT calibration batch when the
+    head is passed to :func:`quantize_open_clip_visual`). Returns ``head``."""
+    quantize_layers(head, lambda name, m: LayerBits(w_bits, a_bits) if name == "fc" else None)
+    return head
+
+
+class OpenCLIPZeroShot(nn.Module):
+    """``visual`` followed by a :class:`ZeroShotHead`: images ``(B, 3, H, W)`` → logits ``(B, C)``.
+
+    A view for calibration: the children of ``visual`` (``conv1``, ``transformer``, ``ln_pre`` …) are
+    registered under their own names (shared, not copied) next to ``head``, so block names are those
+    of the visual tower (``transformer.resblocks.{i}``) and every quantizer of the tower and the head
+    is below this module. ``visual`` itself is referenced, not registered.
+    """
+
+    def __init__(self, visual: nn.Module, head: ZeroShotHead) -> None:
+        super().__init__()
+        for name, child in visual.named_children():
+            self.add_module(name, child)
+        self.head = head
+        object.__setattr__(self, "_visual", visual)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self._visual(images))
+
+
 def quantize_open_clip_visual(visual: nn.Module, w_bits: int, a_bits: int, quant_attn_matmul: bool = False,
-                              patch_embed_bits: Optional[tuple[int, int]] = None) -> QuantizedModel:
+                              patch_embed_bits: Optional[tuple[int, int]] = None,
+                              head: Optional[ZeroShotHead] = None) -> QuantizedModel:
     """Quantize an open_clip ``VisionTransformer`` (``clip.visual``) in place, RepQ-ViT style.
 
     Every block Linear (in_proj, out_proj, c_fc, c_proj) at ``w_bits``/``a_bits`` with in_proj / c_fc
     inputs channel-wise (to be reparameterized into ln_1 / ln_2); ``conv1`` at ``patch_embed_bits``
-    (``(w, a)``, default ``(w_bits, a_bits)`` as in the reference CLIP runs); attention products at
-    ``a_bits`` only with ``quant_attn_matmul``. ``QuantizedModel.model`` is ``visual``: calling it on
-    images ``(B, 3, H, W)`` gives the image embedding ``(B, E)``.
+    ``(w, a)``, default ``(w_bits, 8)``: weights at W, input at 8 bits, as the published CLIP code
+    does; attention products at ``a_bits`` only with ``quant_attn_matmul``.
+
+    Without ``head``, ``QuantizedModel.model`` is ``visual``: images ``(B, 3, H, W)`` → image
+    embedding ``(B, E)``. With a (quantized) :class:`ZeroShotHead` it is
+    ``OpenCLIPZeroShot(visual, head)``: images → logits ``(B, C)``; ``calibrate_repq`` then runs the
+    RepQ-ViT batch through the head too, which initialises the classifier's quantizers in the same
+    forward (as in the published image-only flow). Block names are ``transformer.resblocks.{i}``
+    either way.
     """
     needed = ("conv1", "class_embedding", "positional_embedding", "transformer", "ln_pre")
     if not all(hasattr(visual, a) for a in needed):
         raise TypeError(f"{type(visual).__name__} is not an open_clip VisionTransformer "
                         "(timm or ModifiedResNet towers are not supported by this adapter)")
+    pw, pa = patch_embed_bits if patch_embed_bits is not None else (w_bits, PATCH_EMBED_INPUT_BITS)
+    patch_bits = LayerBits(pw, pa)  # validates the bits before anything is modified
     transformer = visual.transformer
     swap_attention(transformer, a_bits, quant_attn_matmul)
-    pw, pa = patch_embed_bits if patch_embed_bits is not None else (w_bits, a_bits)
-    quantize_layers(visual, _block_rule(w_bits, a_bits, {"conv1": LayerBits(pw, pa)}))
+    quantize_layers(visual, _block_rule(w_bits, a_bits, {"conv1": patch_bits}))
     batch_first = _is_batch_first(transformer)
 
     def first_block_input(images: torch.Tensor) -> torch.Tensor:
@@ -198,12 +275,38 @@ def quantize_open_clip_visual(visual: nn.Module, w_bits: int, a_bits: int, quant
         return x if batch_first else x.transpose(0, 1)
 
     n = len(transformer.resblocks)
+    model: nn.Module = visual if head is None else OpenCLIPZeroShot(visual, head)
+    meta: dict[str, Any] = {"family": "open_clip_visual", "w_bits": w_bits, "a_bits": a_bits,
+                            "quant_attn_matmul": quant_attn_matmul, "patch_embed_bits": [pw, pa]}
+    if head is not None:
+        meta["classifier_bits"] = ([head.fc.w_bits, head.fc.a_bits] if head.quantized else None)
     return QuantizedModel(
-        model=visual, ln_pairs=_ln_pairs(transformer),
+        model=model, ln_pairs=_ln_pairs(transformer),
         block_names=[f"transformer.resblocks.{i}" for i in range(n)],
-        first_block_input=first_block_input, form="token",
-        meta={"family": "open_clip_visual", "w_bits": w_bits, "a_bits": a_bits,
-              "quant_attn_matmul": quant_attn_matmul, "patch_embed_bits": [pw, pa]})
+        first_block_input=first_block_input, form="token", meta=meta)
+
+
+def bit_table(module: nn.Module, prefix: str = "") -> list[dict[str, Any]]:
+    """The bits every fake-quant layer below ``module`` actually uses, read from its quantizers.
+
+    One row per QuantLinear / QuantConv2d: ``{"layer", "type", "w_bits", "a_bits", "input"}`` where
+    ``input`` is ``"per-tensor"`` or ``"per-channel"`` (the latter only before reparameterization);
+    one row per QuantMatMul of a swapped attention: ``{"layer", "type": "MatMul", "w_bits": None,
+    "a_bits": [bits of operand a, bits of operand b]}``. Layer names get ``prefix``.
+    """
+    rows: list[dict[str, Any]] = []
+    for name, layer in quant_layers(module):
+        full = prefix + name
+        if isinstance(layer, QuantMatMul):
+            rows.append({"layer": full, "type": "MatMul", "w_bits": None,
+                         "a_bits": [layer.quantizer_a.n_bits, layer.quantizer_b.n_bits],
+                         "enabled": bool(layer.use_act_quant)})
+            continue
+        iq = layer.input_quantizer
+        rows.append({"layer": full, "type": "Linear" if isinstance(layer, nn.Linear) else "Conv2d",
+                     "w_bits": layer.weight_quantizer.n_bits, "a_bits": iq.n_bits,
+                     "input": "per-channel" if getattr(iq, "channel_wise", False) else "per-tensor"})
+    return rows
 
 
 class OpenCLIPTextTower(nn.Module):

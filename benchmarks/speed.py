@@ -1,0 +1,242 @@
+"""Speed of RepQ-ViT/Percentile calibration, fake-quant evaluation and the QwT stage vs FP (one run).
+
+For DeiT-S, Swin-T (RepQ-ViT, W4A4) and ResNet-50 (Percentile, W4A4) from timm with random
+weights at 224², this measures in ONE run the three ratios of issue 10, each against FP forwards
+of the same model on the same images:
+
+* ``calibration``: ``qwt_core.calibrate_repq`` on the calibration batch (32 images) ÷ one FP
+  forward of that batch (target ≤ 3×);
+* ``fake-quant eval``: forward of the calibrated fake-quant model ÷ FP forward over the evaluation
+  images (target ≤ 1.25× on CPU, ≤ 1.5× on GPU); also reported after QwT (compensations included);
+* ``QwT stage``: ``qwt_core.compensate`` over the QwT calibration set ÷ one FP forward over that set
+  (target ≤ 2.3× on CPU, ≤ 2.5× on GPU). The papers use 512 images; on 2 CPU cores the default is
+  64 (``--qwt_size``); the ratio barely depends on the size (both sides scale linearly).
+
+The machine may be shared: every repetition builds a fresh quantized copy of the model and times
+the FP forward right next to the quantized step it is compared with (alternating, then medians
+over ``--reps``), so that contention hits both sides alike. Times are wall-clock seconds.
+
+Usage: ``python benchmarks/speed.py [--threads 2] [--reps 3] [--device cpu|cuda]
+[--models deit_small_patch16_224 swin_tiny_patch4_window7_224 resnet50]
+[--output outputs/bench/speed.json]``. GPU rows are measured only with ``--device cuda``
+(default: also on CUDA when one is available).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from typing import Callable
+
+import timm
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import qwt_core  # noqa: E402
+import qwt_core.quantizers as qz  # noqa: E402
+
+ADAPTERS: dict[str, tuple[str, Callable]] = {
+    "deit_small_patch16_224": ("RepQ-ViT", qwt_core.quantize_timm_vit),
+    "swin_tiny_patch4_window7_224": ("RepQ-ViT", qwt_core.quantize_timm_swin),
+    "resnet50": ("Percentile", qwt_core.quantize_resnet),
+}
+TARGETS = {"cpu": {"calibration": 3.0, "eval": 1.25, "qwt": 2.3},
+           "cuda": {"calibration": 3.0, "eval": 1.5, "qwt": 2.5}}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    t = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t
+
+
+@torch.no_grad()
+def _forward_all(model: nn.Module, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [model(b) for b in batches]
+
+
+def _images(n: int, seed: int, device: torch.device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 224, 224, generator=g).to(device)
+
+
+def measure_model(name: str, mode: str, args: argparse.Namespace, device: torch.device) -> dict:
+    """All three ratios for one architecture and fake-quant mode; ``reps`` fresh quantized copies,
+    medians. ``mode``: ``"eager"`` or ``"fused"`` (``torch.compile``-fused quantizers, compiled
+    once before the timed runs; the compile time is reported, not included)."""
+    method, adapter = ADAPTERS[name]
+    qz.set_fused_fake_quant(mode == "fused")
+    torch.manual_seed(args.seed)
+    fp = timm.create_model(name, pretrained=False).eval().to(device)
+    calib = _images(args.calib_size, args.seed, device)
+    evals = list(_images(args.eval_size, args.seed + 1, device).split(args.batch_size))
+    qwt_batches = list(_images(args.qwt_size, args.seed + 2, device).split(args.batch_size))
+    _forward_all(fp, [calib[:4]])  # warm-up (allocator, kernels)
+    compile_s = None
+    if mode == "fused":  # compile every quantizer kernel variant on a throwaway copy
+        def warm_up() -> None:
+            warm = adapter(copy.deepcopy(fp), args.w_bits, args.a_bits)
+            qwt_core.calibrate_repq(warm, calib[:2])
+            qwt_core.compensate(warm, [calib[:2]], progress=False)
+            _forward_all(warm.model, [calib[:2]])
+        compile_s = _timed(warm_up, device)
+
+    t = {k: [] for k in ("fp_calib", "calibration", "fp_eval", "quant_eval", "fp_qwt", "qwt",
+                         "qwt_eval")}
+    blocks = applied = 0
+    for _ in tqdm(range(args.reps), desc=f"{name} ({mode})", leave=False):
+        model = copy.deepcopy(fp)
+        qm = adapter(model, args.w_bits, args.a_bits)
+        # calibration vs one FP forward of the calibration batch (FP on both sides of it)
+        fp_a = _timed(lambda: _forward_all(fp, [calib]), device)
+        t["calibration"].append(_timed(lambda: qwt_core.calibrate_repq(qm, calib), device))
+        fp_b = _timed(lambda: _forward_all(fp, [calib]), device)
+        t["fp_calib"].append((fp_a + fp_b) / 2)
+        # evaluation: FP and fake-quant batch by batch, alternating
+        fp_s = q_s = 0.0
+        for b in evals:
+            fp_s += _timed(lambda: _forward_all(fp, [b]), device)
+            q_s += _timed(lambda: _forward_all(model, [b]), device)
+        t["fp_eval"].append(fp_s)
+        t["quant_eval"].append(q_s)
+        # QwT stage vs one FP forward over its calibration set (FP on both sides of it)
+        fp_a = _timed(lambda: _forward_all(fp, qwt_batches), device)
+        box: dict = {}
+        t["qwt"].append(_timed(lambda: box.setdefault(
+            "report", qwt_core.compensate(qm, qwt_batches, progress=False)), device))
+        fp_b = _timed(lambda: _forward_all(fp, qwt_batches), device)
+        t["fp_qwt"].append((fp_a + fp_b) / 2)
+        blocks = len(box["report"].blocks)
+        applied = sum(b.applied for b in box["report"].blocks)
+        q_s = sum(_timed(lambda: _forward_all(model, [b]), device) for b in evals)
+        t["qwt_eval"].append(q_s)
+        del model, qm, box
+
+    med = {k: statistics.median(v) for k, v in t.items()}
+    targets = TARGETS[device.type]
+    ratios = {"calibration": med["calibration"] / med["fp_calib"],
+              "eval": med["quant_eval"] / med["fp_eval"],
+              "eval_after_qwt": med["qwt_eval"] / med["fp_eval"],
+              "qwt": med["qwt"] / med["fp_qwt"]}
+    qz.set_fused_fake_quant(False)
+    return {"model": name, "method": method, "device": device.type, "mode": mode,
+            "compile_s": compile_s,
+            "times_s": t, "median_s": med, "ratios": ratios, "targets": targets,
+            "meets": {k: ratios[k] <= targets[k] for k in targets},
+            "qwt_blocks_compensated": applied, "qwt_blocks": blocks}
+
+
+def format_table(rows: list[dict], args: argparse.Namespace) -> str:
+    head = (f"{'model':<30} {'dev':<4} {'mode':<6} {'calib/FP':>9} {'target':>7} {'eval/FP':>8} {'target':>7} "
+            f"{'+QwT':>6} {'QwT/FP':>7} {'target':>7}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        ra, tg, ok = r["ratios"], r["targets"], r["meets"]
+
+        def cell(k: str, w: int) -> str:
+            return f"{ra[k]:.2f}x{'' if ok[k] else '!'}".rjust(w)
+
+        lines.append(f"{r['model']:<30} {r['device']:<4} {r['mode']:<6} {cell('calibration', 9)} "
+                     f"{'<=' + format(tg['calibration'], '.2f'):>7} {cell('eval', 8)} "
+                     f"{'<=' + format(tg['eval'], '.2f'):>7} {ra['eval_after_qwt']:5.2f}x "
+                     f"{cell('qwt', 7)} {'<=' + format(tg['qwt'], '.2f'):>7}")
+    compiles = [f"{r['model']} {r['compile_s']:.0f}s" for r in rows if r["compile_s"] is not None]
+    if compiles:
+        lines.append("fused: one-time torch.compile warm-up, not in the ratios: " + ", ".join(compiles))
+    lines.append(f"('!' = misses the target; calibration batch {args.calib_size}, eval "
+                 f"{args.eval_size} images, QwT on {args.qwt_size} images, batch {args.batch_size}, "
+                 f"W{args.w_bits}A{args.a_bits}, medians of {args.reps} repetitions)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=list(ADAPTERS), choices=list(ADAPTERS))
+    p.add_argument("--device", nargs="+", default=None, choices=["cpu", "cuda"],
+                   help="devices to measure (default: cpu, plus cuda when available)")
+    p.add_argument("--modes", nargs="+", default=["eager", "fused"], choices=["eager", "fused"],
+                   help="fake-quant kernels: eager PyTorch ops and/or torch.compile-fused")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--calib_size", type=int, default=32, help="RepQ-ViT calibration batch")
+    p.add_argument("--eval_size", type=int, default=64)
+    p.add_argument("--qwt_size", type=int, default=64, help="QwT calibration images (paper: 512)")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--w_bits", type=int, default=4)
+    p.add_argument("--a_bits", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default=os.path.join(ROOT, "outputs", "bench", "speed.json"))
+    args = p.parse_args()
+    devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    if "cuda" in devices and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible; drop it or run on a GPU machine")
+    for v, n in ((args.reps, "reps"), (args.calib_size, "calib_size"), (args.eval_size, "eval_size"),
+                 (args.qwt_size, "qwt_size"), (args.batch_size, "batch_size"), (args.threads, "threads")):
+        if v < 1:
+            raise SystemExit(f"--{n}={v}: must be at least 1")
+    torch.set_num_threads(args.threads)
+
+    t0 = time.perf_counter()
+    cpu = _cpu_name()
+    gpu = torch.cuda.get_device_name(0) if "cuda" in devices else None
+    rows: list[dict] = []
+    for dev in devices:
+        for name in args.models:
+            for mode in args.modes:
+                rows.append(measure_model(name, mode, args, torch.device(dev)))
+                print(format_table(rows[-1:], args).splitlines()[2], flush=True)
+                _write_json(args, rows, cpu, gpu, time.perf_counter() - t0, "")  # partial results
+    table = format_table(rows, args)
+    print(f"\ntorch {torch.__version__}, timm {timm.__version__}, {args.threads} CPU threads ({cpu}), "
+          f"GPU: {gpu or 'none measured'}; total {time.perf_counter() - t0:.0f}s")
+    print(table)
+    _write_json(args, rows, cpu, gpu, time.perf_counter() - t0, table)
+    print(f"wrote {args.output}")
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _write_json(args: argparse.Namespace, rows: list[dict], cpu: str, gpu: str | None,
+                total_s: float, table: str) -> None:
+    """Atomic write of everything measured so far to ``args.output``."""
+    out = {"torch": torch.__version__, "timm": timm.__version__, "threads": args.threads,
+           "cpu": cpu, "gpu": gpu, "settings": vars(args), "total_s": total_s,
+           "complete": bool(table),
+           "note": "wall-clock medians on a possibly shared machine; FP and quantized timings "
+                   "interleaved per repetition", "rows": rows, "table": table}
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(args.output)), suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(out, f, indent=2)
+    os.replace(tmp, args.output)
+
+
+if __name__ == "__main__":
+    main()
