@@ -112,15 +112,17 @@ class SyntheticCalibrationImages:
 
     The stored tensors are already in the detector's normalised input space, so the data preprocessor
     is skipped; they are resized bilinearly to ``size`` (the QwT calibration size, 224 in the
-    reference) unless ``size`` is None. Labels are not used.
+    reference) unless ``size`` is None, then padded (bottom/right, ``pad_value``) to a multiple of
+    ``pad_size_divisor`` as the preprocessor pads real images. Labels are not used.
     """
 
     def __init__(self, synth_set: Any, indices: Sequence[int], batch_size: int, device: Any,
-                 size: int | None = None) -> None:
+                 size: int | None = None, pad_size_divisor: int = 1, pad_value: float = 0.0) -> None:
         if batch_size < 1:
             raise ValueError("calibration batch size must be >= 1")
         self.synth_set, self.indices = synth_set, list(indices)
         self.batch_size, self.device, self.size = batch_size, device, size
+        self.pad_size_divisor, self.pad_value = max(1, int(pad_size_divisor)), float(pad_value)
 
     def __len__(self) -> int:
         return (len(self.indices) + self.batch_size - 1) // self.batch_size
@@ -134,7 +136,11 @@ class SyntheticCalibrationImages:
                 x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear",
                                                     align_corners=False)
             h, w = x.shape[-2:]
-            meta = dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w), batch_input_shape=(h, w),
+            d = self.pad_size_divisor
+            ph, pw = -(-h // d) * d, -(-w // d) * d
+            if (ph, pw) != (h, w):
+                x = torch.nn.functional.pad(x, (0, pw - w, 0, ph - h), value=self.pad_value)
+            meta = dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(ph, pw), batch_input_shape=(ph, pw),
                         scale_factor=(1.0, 1.0))
             yield {"inputs": x, "data_samples": [DetDataSample(metainfo=dict(meta)) for _ in range(len(x))]}
 

@@ -13,9 +13,11 @@ quantized model:
 **Held-out split.** A *sample* is one index along dim 0 of a block input (an image, a sentence).
 Samples are numbered in the order this process sees them (over all its calibration batches); sample
 ``s`` is held out iff ``s % holdout_period == 1`` (one in four by default; with 2 or 3 samples one is
-held out). The rule depends only on that order, so every rank applies the same rule to its shard, and
-when every batch size is a multiple of ``holdout_period`` the split of a sharded run equals the split
-of a single-process run over the same batches (so distributed and single-process results agree).
+held out). The rule depends only on that order, so every rank applies the same rule to its shard;
+when every batch size (interleaved shards) or every rank's sample count (contiguous shards) is a
+multiple of ``holdout_period``, the split of a sharded run equals that of a single-process run over
+the same samples, so distributed and single-process results agree. Decisions are taken on the
+all-reduced moments, hence identical on every rank.
 
 **Fail early.** Block names are resolved and checked (unknown names with close-name suggestions,
 duplicates, nesting, registration order, already compensated) before any work; NaN/Inf in a block's

@@ -24,7 +24,7 @@ from qwt_core.attention import QuantViTAttention, QuantWindowAttention
 from qwt_core.inversion import (BNStatsPrior, InversionConfig, PatchSimilarityPrior, explicit_attention,
                                 init_noise, invert, kde_entropy, lr_at, patch_similarity_entropy,
                                 pixel_bounds, synthesize_batches, total_variation, tv_scale)
-from qwt_core.synth_io import (SynthManifest, SynthSetError, load_synthetic_set, merge_parts,
+from qwt_core.synth_io import (SynthManifest, SynthSetError, load_synthetic_set,
                                prepare_folder, rank_batches, write_shard)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -744,9 +744,24 @@ def test_det_qwt_lowers_block_error_on_synthetic_set(det_synth, det_setup):
     model = _det_model(cfg_path, ckpt)
     s = load_synthetic_set(out)
     qm = quantize_detector(model, 4, 4)
-    calib = SyntheticCalibrationImages(s, range(8), 4, "cpu", size=112)
+    calib = SyntheticCalibrationImages(s, range(8), 4, "cpu", size=112, pad_size_divisor=32)
     batch = next(iter(calib))
-    assert batch["inputs"].shape == (4, 3, 112, 112) and len(batch["data_samples"]) == 4
+    # resized to 112 (the config's QwT size), padded to 128 like the data preprocessor pads real images
+    assert batch["inputs"].shape == (4, 3, 128, 128) and len(batch["data_samples"]) == 4
+    assert float(batch["inputs"][:, :, 112:].abs().max()) == 0.0
+    # same structure as the real-image (folder) source of the same config
+    from mmengine.config import Config
+
+    from det_repq_vit.data import CalibrationImages, list_calibration_images
+    qc = Config.fromfile(str(cfg_path)).qwt_calib
+    real = next(iter(CalibrationImages(list_calibration_images(qc.img_dir, 4, 0), qc.pipeline, 4,
+                                       model.data_preprocessor, progress=False)))
+    assert set(real) == set(batch) and real["inputs"].shape == batch["inputs"].shape
+    assert real["inputs"].dtype == batch["inputs"].dtype
+    real_meta, syn_meta = real["data_samples"][0].metainfo, batch["data_samples"][0].metainfo
+    assert {"ori_shape", "scale_factor"} <= set(real_meta) & set(syn_meta)  # values differ: file sizes
+    for key in ("img_shape", "pad_shape", "batch_input_shape"):
+        assert real_meta[key] == syn_meta[key], key
     calibrate_detector_repq(qm, batch)
     compensate_backbone(qm, calib, progress=False)
     err_q = err_c = 0.0

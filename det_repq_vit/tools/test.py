@@ -253,7 +253,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     qm = quantize_detector(model, args.w_bits, args.a_bits)
     if synth is not None:
-        repq_images = SyntheticCalibrationImages(synth, range(repq_batch), repq_batch, device, synth_size)
+        pad = dict(pad_size_divisor=getattr(model.data_preprocessor, "pad_size_divisor", 1),
+                   pad_value=getattr(model.data_preprocessor, "pad_value", 0))
+        repq_images = SyntheticCalibrationImages(synth, range(repq_batch), repq_batch, device, synth_size, **pad)
     else:
         repq_images = CalibrationImages(paths[:repq_batch], calib.pipeline, repq_batch, model.data_preprocessor)
     calibrate_detector_repq(qm, next(iter(repq_images)), integer_zero_point=args.integer_zero_point)
@@ -263,7 +265,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     if synth is not None:
         qwt_images = SyntheticCalibrationImages(synth, shard(list(range(calib_size)), rank, world),
-                                                calib.get("batch_size", 32), device, synth_size)
+                                                calib.get("batch_size", 32), device, synth_size, **pad)
     else:
         qwt_images = CalibrationImages(shard(paths[:calib_size], rank, world), calib.pipeline,
                                        calib.get("batch_size", 32), model.data_preprocessor)
