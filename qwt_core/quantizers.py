@@ -248,16 +248,19 @@ class _FusedFakeQuant:
 
 
 def _fused_layout(x: torch.Tensor, param: torch.Tensor) -> Optional[tuple[torch.Tensor, list[int]]]:
-    """``x`` as a 1-D / 2-D view and the matching shape of its (Δ, z), or None (eager ops).
+    """``x`` as the fused kernel takes it and the matching shape of its (Δ, z), or None (eager ops).
 
-    Few layouts means few compiled kernels: per tensor → ``(N,)`` with a scalar, per channel of the
-    last dim → ``(N, C)`` with ``(1, C)``, per channel of dim 0 → ``(C, N)`` with ``(C, 1)``. Only
-    contiguous plain tensors qualify (the eager result of a non-contiguous input keeps its
-    strides, which the next matmul may depend on; parameters are quantized once and cached).
+    Few layouts means few compiled kernels: a contiguous input is seen as ``(N,)`` with a scalar
+    (per tensor), ``(N, C)`` with ``(1, C)`` (per channel of the last dim) or ``(C, N)`` with
+    ``(C, 1)`` (per channel of dim 0). A non-contiguous input (e.g. ``kᵀ`` or ``v`` in attention,
+    views into the qkv output) is passed as it is, per tensor only: inductor returns the strides
+    eager PyTorch would (``keep_output_stride``), so the next matmul sees the same layout.
+    Parameters go to the eager ops (weights are quantized once and cached).
     """
-    if type(x) is not torch.Tensor or not x.is_contiguous() or x.numel() == 0 \
-            or param.dim() > x.dim():
+    if type(x) is not torch.Tensor or x.numel() == 0 or param.dim() > x.dim():
         return None
+    if not x.is_contiguous():
+        return (x, []) if param.numel() == 1 else None
     if param.numel() == 1:
         return x.view(-1), []
     channels = [i for i, size in enumerate(param.shape) if size != 1]

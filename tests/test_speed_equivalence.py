@@ -147,6 +147,16 @@ def test_fused_fake_quant_is_bit_identical(monkeypatch):
         assert torch.equal(calibrated(t), ref)  # fused forward, eager calibration
         assert torch.equal(q(t), ref)  # fused calibration (fused squared errors) and forward
         _assert_same_state(q, calibrated)
+    # non-contiguous views (kᵀ and v of a qkv output): same values and the same strides as eager
+    qkv = torch.randn(3, 9, 3, 2, 8, generator=g).permute(2, 0, 3, 1, 4)
+    for view in (qkv[1].transpose(-2, -1), qkv[2]):
+        q = qz.UniformQuantizer(4)
+        q.set_params(torch.tensor(0.21), torch.tensor(7.0))
+        fused_out = q(view)
+        monkeypatch.setattr(qz._FusedFakeQuant, "enabled", False)
+        eager_out = q(view)
+        monkeypatch.setattr(qz._FusedFakeQuant, "enabled", True)
+        assert torch.equal(fused_out, eager_out) and fused_out.stride() == eager_out.stride()
     # fractional zero point (after the LayerNorm reparameterization) and Δ above the data range
     q = qz.UniformQuantizer(4)
     q.set_params(torch.tensor(0.3), torch.tensor(6.37))
