@@ -409,11 +409,16 @@ class UniformQuantizer(_LazyQuantizer):
 
     def init_from(self, x: torch.Tensor) -> None:
         rows = _as_rows(x if x.is_floating_point() else x.float(), self.channel_wise, self.channel_dim)
+        ranges = self.candidate_ranges(rows)
+        shape = _broadcast_shape(x, self.channel_wise, self.channel_dim)
+        if len(ranges) == 1:  # one candidate (Percentile baseline, min/max): no error to compare
+            self.set_params(*uniform_params_from_range(*ranges[0], self.n_bits), shape)
+            return
         best_err = best_delta = best_zero = None
         # one scratch buffer for all candidates (same ops as ``(fq(rows) - rows).pow(2)``)
         fused = _FusedFakeQuant.enabled and rows.is_contiguous()
         buf = torch.empty_like(rows) if rows.is_contiguous() and not fused else None
-        for lo, hi in self.candidate_ranges(rows):
+        for lo, hi in ranges:
             delta, zero = uniform_params_from_range(lo, hi, self.n_bits)
             if fused and rows.shape[0] == 1:  # per tensor: the 1-D kernel, same memory for the mean
                 err = _FusedFakeQuant.get("uniform_sq_err")(rows.view(-1), delta.view(()), zero.view(()),
@@ -434,7 +439,7 @@ class UniformQuantizer(_LazyQuantizer):
                 best_err = torch.where(better, err, best_err)
                 best_delta = torch.where(better, delta, best_delta)
                 best_zero = torch.where(better, zero, best_zero)
-        self.set_params(best_delta, best_zero, _broadcast_shape(x, self.channel_wise, self.channel_dim))
+        self.set_params(best_delta, best_zero, shape)
 
     def set_params(self, delta: torch.Tensor, zero_point: torch.Tensor,
                    shape: Optional[Sequence[int]] = None) -> None:
@@ -503,9 +508,13 @@ class LogSqrt2Quantizer(_LazyQuantizer):
     def init_from(self, x: torch.Tensor) -> None:
         flat = (x if x.is_floating_point() else x.float()).reshape(-1)
         best_err, best_delta = None, None
+        values = exact_quantiles(flat, self.percentiles, dim=0)  # one topk for all candidates
+        if len(values) == 1:  # one candidate: no error to compare
+            self.delta = torch.clamp(values[0], min=MIN_DELTA).detach().reshape(()).clone()
+            return
         fused = _FusedFakeQuant.enabled and type(flat) is torch.Tensor
         buf = None if fused else torch.empty_like(flat)  # one scratch buffer for all candidates
-        for value in exact_quantiles(flat, self.percentiles, dim=0):  # one topk for all candidates
+        for value in values:
             delta = torch.clamp(value, min=MIN_DELTA)
             if fused:
                 err = _FusedFakeQuant.get("log2_sq_err")(flat, delta, self.n_bits).mean()
