@@ -70,16 +70,6 @@ def _quantize(name: str, model: torch.nn.Module, w_bits: int, a_bits: int):
     return qwt_core.quantize_resnet(model, w_bits, a_bits, act_mode="reference8")
 
 
-def _export_fp(model: torch.nn.Module, example: torch.Tensor, path: str) -> None:
-    import contextlib
-    import io
-    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
-        prog = torch.onnx.export(model, (example,), dynamo=True, opset_version=qx.OPSET,
-                                 dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
-                                 input_names=["images"], output_names=["logits"], verbose=False)
-    prog.save(path)
-
-
 def prepare(name: str, w_bits: int, a_bits: int, img: int, calib: int, workdir: str, log: Callable
             ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Build, quantize, compensate and export one model; returns (runners, info)."""
@@ -92,7 +82,7 @@ def prepare(name: str, w_bits: int, a_bits: int, img: int, calib: int, workdir: 
     files: dict[str, str] = {}
     t = time.perf_counter()
     files["ort_fp"] = os.path.join(workdir, f"{name}_fp.onnx")
-    _export_fp(fp, images[:2], files["ort_fp"])
+    qx.export_fp_onnx(fp, images[:2], files["ort_fp"])
     info["export_fp_s"] = time.perf_counter() - t
 
     qm = _quantize(name, copy.deepcopy(fp), w_bits, a_bits)

@@ -22,6 +22,7 @@ from torch import nn
 
 import qwt_core
 from qwt_core.adapters.base import QuantizedModel
+from qwt_core.cli_options import add_qwt_arguments, qwt_overrides
 from qwt_core.distributed import is_main_process
 
 from . import data as cls_data
@@ -85,6 +86,8 @@ def build_parser(choices: Optional[list[str]] = None, description: str = "") -> 
                    help="ResNet only: 'published' keeps BatchNorm as fp32 modules after the fake-quant convs, "
                         "as the QwT reference (default); 'folded' folds BatchNorm into the convs first "
                         "(what a deployment runs). Both use the RepQ-ViT MSE quantizers")
+    add_qwt_arguments(p, default_note="the model's recipe: holdout for ViT/DeiT/Swin, insample with "
+                                      "λ 1e-3 for the published ResNet recipe; insample reproduces the papers")
     p.add_argument("--eval_fp", action="store_true", help="also evaluate the full-precision model")
     p.add_argument("--skip_qwt", action="store_true", help="stop after the baseline quantization")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cuda:N or cpu")
@@ -146,6 +149,17 @@ def validate_args(args: argparse.Namespace, choices: Optional[list[str]] = None)
         raise SystemExit(f"error: --resnet_recipe is for ResNet models only, not {args.model}")
     if spec.family == "resnet" and getattr(args, "resnet_recipe", None) is None:
         args.resnet_recipe = "published"
+    # ResNet's published recipe (QuantizedModel.qwt_kwargs) gates in-sample; the token paths hold out
+    default_gate = "insample" if spec.family == "resnet" else "holdout"
+    try:
+        args.qwt_options = qwt_overrides(getattr(args, "qwt_gate", None), getattr(args, "qwt_ridge", None),
+                                         default_gate)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    if args.qwt_options and (args.skip_qwt or getattr(args, "load_quantized", None)):
+        raise SystemExit("error: --qwt_gate/--qwt_ridge set the QwT fit, but "
+                         + ("--skip_qwt computes none" if args.skip_qwt else
+                            "--load_quantized reuses the saved one") + "; drop one of them")
     for flag in ("calib_size", "repq_calib_size", "batch_size"):
         if getattr(args, flag) < 1:
             raise SystemExit(f"error: --{flag} must be at least 1")
@@ -273,6 +287,8 @@ def _run(args: argparse.Namespace, spec: ModelSpec, rank: int, world: int, devic
                              f"not {args.model}; pass --model {meta.get('model')}")
         results["img_size"] = args.img_size = int(meta.get("img_size") or args.img_size)
         results.update(w_bit=meta["w_bits"], a_bit=meta["a_bits"], act_mode=meta.get("act_mode"))
+        if meta.get("qwt_gate") is not None:
+            results.update(qwt_gate=meta["qwt_gate"], qwt_ridge=meta.get("qwt_ridge"))
         if "recipe" in qm.meta:
             results["recipe"] = qm.meta["recipe"]
         bits = f"W{meta['w_bits']}A{meta['a_bits']}" + (f" ({meta['act_mode']})" if meta.get("act_mode") else "")
@@ -338,9 +354,10 @@ def _run(args: argparse.Namespace, spec: ModelSpec, rank: int, world: int, devic
         batches = calib.qwt_batches(args.batch_size, args.workers)
         timings["load_calibration"] = time.perf_counter() - t
         report = qwt_core.compensate(qm, (b.to(device) for b in batches), start_block=args.start_block,
-                                     progress=progress)
+                                     progress=progress, **getattr(args, "qwt_options", {}))
         timings["qwt"] = report.seconds
         results["qwt"] = report.to_dict()
+        results["qwt_gate"], results["qwt_ridge"] = report.gate, report.ridge
         _log("QwT per-block R² (compensation applied when R² > 0):\n" + report.format_table())
         acc = evaluate(model, val, device, f"{baseline} + QwT", progress)
         timings["eval_qwt"] = acc.seconds
@@ -351,6 +368,8 @@ def _run(args: argparse.Namespace, spec: ModelSpec, rank: int, world: int, devic
         meta = {"model": args.model, "w_bits": args.w_bit, "a_bits": args.a_bit, "act_mode": args.act_mode,
                 "model_kwargs": args.model_kwargs, "img_size": args.img_size, "qwt": not args.skip_qwt,
                 "integer_zero_point": args.integer_zero_point}
+        if "qwt_gate" in results:
+            meta.update(qwt_gate=results["qwt_gate"], qwt_ridge=results["qwt_ridge"])
         if "recipe" in qm.meta:
             meta.update(resnet_recipe=qm.meta["resnet_recipe"], recipe=qm.meta["recipe"])
         qwt_core.save_quantized(model, args.save_quantized, meta)

@@ -7,7 +7,7 @@
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn
@@ -42,11 +42,13 @@ def calibrate_detector_repq(qm: QuantizedModel, batch: dict, integer_zero_point:
 
 @torch.no_grad()
 def compensate_backbone(qm: QuantizedModel, batches: Iterable[dict], start_block: int = 0,
-                        store_device: Optional[str] = None, progress: bool = True) -> QwTReport:
+                        store_device: Optional[str] = None, progress: bool = True,
+                        **qwt_kwargs: Any) -> QwTReport:
     """QwT over the Swin backbone blocks; ``batches`` are preprocessed calibration batches (this rank's
-    share; the least-squares moments are all-reduced by ``apply_qwt``)."""
+    share; the least-squares moments are all-reduced by ``apply_qwt``). ``qwt_kwargs``: further
+    :func:`~qwt_core.qwt.apply_qwt` options, e.g. ``gate="insample"`` (the papers' rule) or ``ridge``."""
     qm.model.eval()
     return apply_qwt(qm.model, qm.block_names, batches,
                      lambda b: qm.first_block_input(b["inputs"]), transition=qm.transition,
                      run_block=qm.run_block, form="token", start_block=start_block,
-                     store_device=store_device, progress=progress)
+                     store_device=store_device, progress=progress, **qwt_kwargs)

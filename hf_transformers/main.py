@@ -3,7 +3,8 @@
     python -m hf_transformers.main --model PATH_OR_HUB_NAME --calib-text calib.txt \\
         --eval-text heldout.txt --w_bits 4 --a_bits 4 [--kind auto|encoder|decoder] \\
         [--calib-size N] [--repq-size N] [--eval-size N] [--max-length L] [--batch-size B] \\
-        [--gate holdout|insample] [--output result.json] [--save_quantized q.pt | --load_quantized q.pt]
+        [--gate|--qwt_gate holdout|insample] [--qwt_ridge auto|FLOAT] [--output result.json] \\
+        [--save_quantized q.pt | --load_quantized q.pt]
 
 Text files hold one text per line (empty lines are ignored). The model is read from a local folder
 or from the Hugging Face cache (no download unless ``--allow-download``). Metric: encoders (BERT
@@ -29,6 +30,7 @@ from tqdm.auto import tqdm
 
 import qwt_core
 from qwt_core.adapters import hf as hf_adapter
+from qwt_core.cli_options import parse_ridge, qwt_overrides
 from qwt_core.quantizers import validate_bits
 
 DEFAULT_CALIB_SIZE = 512
@@ -70,9 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per text (longer texts are truncated; 128)")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=16,
                    help="texts per batch (16)")
-    p.add_argument("--gate", choices=["holdout", "insample"], default="holdout",
+    p.add_argument("--gate", "--qwt_gate", "--qwt-gate", dest="gate", choices=["holdout", "insample"],
+                   default="holdout",
                    help="QwT gate: holdout (default; compensate a block only if it helps on held-out "
-                        "calibration rows) or insample (the papers' rule)")
+                        "calibration rows) or insample (the papers' rule); --qwt_gate is the name the "
+                        "other scripts use")
+    p.add_argument("--qwt_ridge", "--qwt-ridge", dest="qwt_ridge", type=parse_ridge, default=None,
+                   metavar="{auto,FLOAT}",
+                   help="QwT ridge λ: 'auto' (holdout gate only) or a number >= 0; default: 'auto' with "
+                        "the holdout gate, 0 with insample")
     p.add_argument("--no-qwt", "--no_qwt", dest="no_qwt", action="store_true",
                    help="stop after the baseline (no QwT)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -213,6 +221,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         (args.repq_size, "--repq-size")):
         if value < 1:
             raise CLIError(f"{name} must be >= 1, got {value}")
+    try:
+        qwt_kwargs = qwt_overrides(args.gate, getattr(args, "qwt_ridge", None))
+    except ValueError as exc:
+        raise CLIError(str(exc).replace("--qwt_gate", "--gate")) from None
     if args.load_quantized and args.save_quantized:
         raise CLIError("--load_quantized and --save_quantized together: pick one")
     if args.load_quantized and not os.path.isfile(args.load_quantized):
@@ -282,10 +294,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["baseline"] = evaluate(qm.model, kind, eval_batches, fp_emb)
         print(f"baseline (W{args.w_bits}A{args.a_bits}): {result['metric']} = {result['baseline']:.4f}")
         if not args.no_qwt:
-            qwt_report = qwt_core.compensate(qm, calib_batches, gate=args.gate,
-                                             progress=not args.no_progress)
+            qwt_report = qwt_core.compensate(qm, calib_batches, progress=not args.no_progress, **qwt_kwargs)
             print(qwt_report.format_table())
             result["qwt_report"] = qwt_report.to_dict()
+            result["qwt_gate"], result["qwt_ridge"] = qwt_report.gate, qwt_report.ridge
             result["qwt"] = evaluate(qm.model, kind, eval_batches, fp_emb)
             print(f"+ QwT: {result['metric']} = {result['qwt']:.4f}")
         if args.save_quantized:

@@ -44,6 +44,7 @@ from mm_clip.ptq import PTQConfig, quantize_text, quantize_visual
 from mm_clip.wds_calib import DEFAULT_INDEX_CACHE, draw_samples, expand_shards, index_shards, read_pairs
 from mm_clip.zeroshot import build_zero_shot_classifier, evaluate_zero_shot
 from qwt_core import load_quantized, save_quantized, validate_bits
+from qwt_core.cli_options import add_qwt_arguments, qwt_overrides
 from qwt_core.adapters.open_clip import (PATCH_EMBED_INPUT_BITS, ZeroShotHead, quantize_open_clip_text,
                                          quantize_open_clip_visual, quantize_zero_shot_head)
 from qwt_core.distributed import (ShardSampler, destroy_distributed, init_distributed_from_env,
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--integer-zero-point", action="store_true",
                    help="round the reparameterized zero point (exact RepQ-ViT reparameterization)")
     p.add_argument("--start_block", type=int, default=0, help="QwT compensates blocks from this index on")
+    add_qwt_arguments(p, default_note="holdout; insample reproduces the papers' rule (needs --qwerty)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None,
                    help="cpu, cuda, cuda:1 ... (default: cuda if available; under torchrun cuda:LOCAL_RANK)")
@@ -156,6 +158,15 @@ def _validate(args: argparse.Namespace) -> None:
     if args.plot and args.load_quantized:
         raise InputError("--plot draws the QwT calibration errors, which a loaded model does not have: "
                          "pass --plot to the run that calibrates (and --save_quantized there)")
+    if args.qwt_gate is not None or args.qwt_ridge is not None:
+        if args.load_quantized:
+            raise InputError("--qwt_gate/--qwt_ridge set the QwT fit, but --load_quantized reuses the saved one")
+        if not args.qwerty:
+            raise InputError("--qwt_gate/--qwt_ridge set the QwT fit: add --qwerty")
+        try:
+            qwt_overrides(args.qwt_gate, args.qwt_ridge)
+        except ValueError as e:
+            raise InputError(str(e)) from None
     if args.plot and not args.qwerty:
         raise InputError("--plot draws the per-block error before / after QwT: add --qwerty")
     if args.plot and not args.plot.lower().endswith(".png"):
@@ -391,6 +402,8 @@ def _prepare(args: argparse.Namespace, rank: int, world: int, device: torch.devi
             _log("--load_quantized: weights and calibration come from the file; --pretrained / --train-data "
                  "are not used")
         args.start_block = meta.get("start_block", 0)
+        if meta.get("qwt_gate") is not None:
+            results.update(qwt_gate=meta["qwt_gate"], qwt_ridge=meta.get("qwt_ridge"))
         results.update({"model": model_name, "pretrained": meta.get("pretrained"),
                         "loaded_from": os.path.abspath(args.load_quantized),
                         "loaded_meta": {k: v for k, v in meta.items() if k not in ("classnames", "model_config")}})
@@ -425,7 +438,8 @@ def _prepare(args: argparse.Namespace, rank: int, world: int, device: torch.devi
             calib, results["calibration"] = load_calibration(args, preprocess, tokenizer, rank, world)
             cfg = PTQConfig(w, a, patch, qwerty=qwerty, quant_attn_matmul=quant_attn_matmul,
                             start_block=args.start_block, integer_zero_point=args.integer_zero_point,
-                            diagnostics=args.diagnostics, progress=progress and is_main_process())
+                            diagnostics=args.diagnostics, progress=progress and is_main_process(),
+                            qwt_gate=args.qwt_gate, qwt_ridge=args.qwt_ridge)
             if args.choice == "image_only":
                 # Published order: classifier from the fp32 text tower first, so that the RepQ-ViT
                 # batch (visual tower → normalised features → classifier) initialises its quantizers.
@@ -444,6 +458,8 @@ def _prepare(args: argparse.Namespace, rank: int, world: int, device: torch.devi
             for tower, report in towers.items():
                 report["qwt_samples"] = results["calibration"]["samples"]
                 results[tower] = report
+                if report.get("qwt"):  # the effective gate and ridge (the same for both towers)
+                    results["qwt_gate"], results["qwt_ridge"] = report["qwt"]["gate"], report["qwt"]["ridge"]
         else:
             head = classifier_from(model.encode_text)
         bundle = ZeroShotCLIP(model, head).to(device).eval()
@@ -454,6 +470,7 @@ def _prepare(args: argparse.Namespace, rank: int, world: int, device: torch.devi
                     patch_embed_bits=list(patch), quant_attn_matmul=quant_attn_matmul,
                     classifier_bits=[w, a] if classifier_quantized else None, qwt=qwerty,
                     start_block=args.start_block, integer_zero_point=args.integer_zero_point,
+                    qwt_gate=results.get("qwt_gate"), qwt_ridge=results.get("qwt_ridge"),
                     seed=args.seed, pretrained=results["pretrained"], calibration=results.get("calibration"),
                     embed_dim=bundle.head.fc.in_features, classnames=list(classnames))
         tmp = f"{args.save_quantized}.tmp{os.getpid()}"

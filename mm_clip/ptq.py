@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
 
 from qwt_core import QuantizedModel, calibrate_repq, compensate
+from qwt_core.cli_options import qwt_overrides
 from qwt_core.adapters.open_clip import ZeroShotHead, quantize_open_clip_text, quantize_open_clip_visual
 
 from .diagnostics import block_errors, embeddings, relative_mse
@@ -25,6 +26,9 @@ class PTQConfig:
 
     ``patch_embed_bits``: ``(weight bits, input bits)`` of the visual ``conv1`` (published: ``(W, 8)``).
     ``diagnostics`` measures per-block and embedding errors to FP on the QwT calibration data.
+    ``qwt_gate`` / ``qwt_ridge``: the QwT gate and ridge (None: the engine default, held-out gate with
+    λ chosen on held-out rows; ``qwt_gate="insample"`` is the papers' rule), see
+    :func:`qwt_core.cli_options.qwt_overrides`.
     """
 
     w_bits: int
@@ -36,6 +40,8 @@ class PTQConfig:
     integer_zero_point: bool = False
     diagnostics: bool = False
     progress: bool = True
+    qwt_gate: Optional[str] = None
+    qwt_ridge: Union[float, str, None] = None
 
 
 def split_batches(x: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -54,7 +60,8 @@ def _quantize_tower(qm: QuantizedModel, encode: Callable[[torch.Tensor], torch.T
     if fp_embeddings is not None:
         report["embedding_rel_mse_repq"] = relative_mse(embeddings(encode, batches), fp_embeddings, device)
     if cfg.qwerty:
-        qwt = compensate(qm, batches, start_block=cfg.start_block, progress=cfg.progress)
+        qwt = compensate(qm, batches, start_block=cfg.start_block, progress=cfg.progress,
+                         **qwt_overrides(cfg.qwt_gate, cfg.qwt_ridge))
         report["qwt"] = qwt.to_dict()
         if cfg.progress:
             print(qwt.format_table())

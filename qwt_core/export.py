@@ -1066,6 +1066,33 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str, *,
     return report
 
 
+def export_fp_onnx(model: nn.Module, example_input: torch.Tensor, path: str,
+                   dynamic_batch: bool = True) -> int:
+    """Export an unquantized (FP) model to ONNX, the reference graph for latency ratios.
+
+    Args:
+        model: any FP ``nn.Module`` mapping images ``(B, 3, H, W)`` to logits ``(B, K)``.
+        example_input: images ``(B, 3, H, W)`` fixing the input shape (batch dim dynamic).
+        path: the ``.onnx`` file, written atomically.
+    Returns:
+        bytes written.
+    Raises:
+        ExportError: one line if the exporter fails (nothing is written).
+    """
+    example = _example_for_trace(example_input.detach().cpu().float(), dynamic_batch)
+    dynamic = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
+    log = io.StringIO()
+    try:
+        with torch.no_grad(), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            program = torch.onnx.export(model.eval(), (example,), dynamo=True, opset_version=OPSET,
+                                        dynamic_shapes=dynamic, input_names=["images"],
+                                        output_names=["logits"], verbose=False, report=False)
+    except Exception as exc:  # noqa: BLE001 - the exporter raises many types; report one line
+        msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"torch.onnx.export of the FP model failed: {type(exc).__name__}: {msg}") from None
+    return _atomic_save(program.model_proto, path)
+
+
 # ----------------------------------------------------------------------------- onnxruntime
 def _session(path: str, threads: int = 2, optimized_path: Optional[str] = None):
     try:

@@ -8,6 +8,8 @@
    point as for ImageNet) runs FP → RepQ-ViT → RepQ-ViT + QwT with ``--seed`` = that seed;
 4. FP, RepQ-ViT and + QwT top-1 as mean ± std over the seeds go to ``outputs/demo/demo_results.json``,
    the figure ``outputs/demo/demo.png`` is drawn from that JSON, and a table is printed.
+5. the first seed's model at W8A8 + QwT is exported as a real int8 ONNX QDQ graph, run by onnxruntime
+   on ``val/`` next to the fake-quant model, and timed (``deploy`` in the JSON; ``--no-onnx`` skips it).
 
 A seed fixes the training (initialisation, batch order, augmentation) and the calibration subset
 (512 QwT images, of which the first 32 calibrate RepQ-ViT). Every process runs one thread with
@@ -221,6 +223,90 @@ def run_seed(seed: int, settings: Sequence[str], retrain: bool, folder: str = OU
         return res
 
 
+# ------------------------------------------------------------------------------------- deploy
+DEPLOY_SETTING = "W8A8"
+DEPLOY_BATCH = 32
+
+
+def deploy_demo(seed: int, folder: str = OUT, setting: str = DEPLOY_SETTING,
+                batch: int = DEPLOY_BATCH) -> dict[str, Any]:
+    """Real int8 inference of the seed's demo model through ONNX QDQ + onnxruntime.
+
+    The trained model is quantized at ``setting`` (RepQ-ViT with integer zero points, so the
+    export is exact), compensated by QwT, exported by :func:`qwt_core.export.export_onnx` and run
+    by onnxruntime on the whole ``val/`` split next to the fake-quant model. Latencies (median
+    seconds, ``batch`` images, one thread) of PyTorch FP, PyTorch fake-quant, ORT FP and ORT int8.
+    Runs in a worker process like :func:`run_seed`; its output goes to ``logs/deploy.log``.
+    """
+    log = os.path.join(folder, "logs", "deploy.log")
+    os.makedirs(os.path.dirname(log), exist_ok=True)
+    with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f), deterministic():
+        import copy
+
+        import torch
+
+        import qwt_core
+        from cls_repq_vit.models import get_spec
+        from qwt_core import export as qx
+
+        w, a = parse_bits(setting)
+        ckpt = os.path.join(folder, "models", f"deit_digits_seed{seed}.pth")
+        fp = get_spec(MODEL_NAME).create(MODEL_KWARGS)
+        fp.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["model"])
+        fp.eval()
+        x_train, _ = _tensors("train", folder)
+        x_val, y_val = _tensors("val", folder)
+        g = torch.Generator().manual_seed(seed)
+        calib = x_train[torch.randperm(len(x_train), generator=g)[:CALIB_SIZE]]
+        t0 = time.perf_counter()
+        qm = qwt_core.quantize_timm_vit(copy.deepcopy(fp), w, a)
+        qwt_core.calibrate_repq(qm, calib[:REPQ_CALIB_SIZE], integer_zero_point=True)
+        report = qwt_core.compensate(qm, list(calib.split(128)), progress=False)
+        onnx_dir = os.path.join(folder, "onnx")
+        int8_path = os.path.join(onnx_dir, f"deit_digits_seed{seed}_{setting.lower()}_qwt.onnx")
+        fp_path = os.path.join(onnx_dir, f"deit_digits_seed{seed}_fp32.onnx")
+        rep = qx.export_onnx(qm.model, x_val[:2], int8_path, threads=THREADS)
+        qx.export_fp_onnx(fp, x_val[:2], fp_path)
+        print(rep.summary(), flush=True)
+        agree = qx.compare_onnx(int8_path, rep.reference, list(zip(x_val.split(128), y_val.split(128))),
+                                threads=THREADS)
+        with torch.no_grad():
+            fp_top1 = (fp(x_val).argmax(-1) == y_val).float().mean().item() * 100
+        xb = x_val[:batch]
+        lat = {"pytorch_fp": qx.torch_latency(fp, xb, THREADS, repeats=20)["median_s"],
+               "pytorch_fake_quant": qx.torch_latency(qm.model, xb, THREADS, repeats=20)["median_s"],
+               "ort_fp": qx.ort_latency(fp_path, xb, THREADS, repeats=20)["median_s"],
+               "ort_int8": qx.ort_latency(int8_path, xb, THREADS, repeats=20)["median_s"]}
+        out = {"seed": seed, "setting": setting, "integer_zero_point": True, "compensation": "fp32",
+               "qwt_blocks_compensated": sum(1 for b in report.blocks if b.applied),
+               "onnx": os.path.relpath(int8_path, folder), "onnx_fp": os.path.relpath(fp_path, folder),
+               "integer_layers": len(rep.integer_layers), "float_layers": len(rep.float_layers),
+               "ort_integer_ops": rep.ort["integer_ops"], "ort_float_ops": rep.ort["float_ops"],
+               "quantized_in_float": rep.ort["quantized_in_float"],
+               "top1_fp32": round(fp_top1, 2), "top1_fake_quant": round(agree["top1_reference"], 2),
+               "top1_ort_int8": round(agree["top1_onnx"], 2), "identical_predictions": agree["identical"],
+               "max_rel_logit_diff": agree["max_rel_logit_diff"], "images": agree["count"],
+               "latency_batch": int(len(xb)), "latency_threads": THREADS,
+               "latency_ms": {k: round(v * 1e3, 3) for k, v in lat.items()},
+               "seconds": round(time.perf_counter() - t0, 1)}
+        print(json.dumps(out, indent=2), flush=True)
+        return out
+
+
+def format_deploy(d: dict[str, Any]) -> str:
+    """Two lines: int8 top-1 next to fake-quant, and the latencies."""
+    ms = d["latency_ms"]
+    return (f"ONNX int8 ({d['setting']} + QwT, seed {d['seed']}, onnxruntime): top-1 {d['top1_ort_int8']:.2f} vs "
+            f"fake-quant {d['top1_fake_quant']:.2f} (FP {d['top1_fp32']:.2f}); "
+            f"{100 * d['identical_predictions']:.1f} % identical predictions, max rel. logit diff "
+            f"{d['max_rel_logit_diff']:.2g}; {d['integer_layers']} integer layers, {len(d['quantized_in_float'])} "
+            f"quantized layers left in float\n"
+            f"latency, batch {d['latency_batch']}, {d['latency_threads']} thread (ms): PyTorch FP "
+            f"{ms['pytorch_fp']:.2f}, PyTorch fake-quant {ms['pytorch_fake_quant']:.2f}, ORT FP {ms['ort_fp']:.2f}, "
+            f"ORT int8 {ms['ort_int8']:.2f} (dim 64: per-op overhead, not the "
+            f"matmuls, sets the time at this size; `make bench-onnx` measures DeiT-S)")
+
+
 # ---------------------------------------------------------------------------------- aggregation
 def mean_std(values: Sequence[float]) -> dict[str, Any]:
     """Mean and sample standard deviation (n − 1; 0 for one value), rounded to 2 decimals."""
@@ -231,7 +317,7 @@ def mean_std(values: Sequence[float]) -> dict[str, Any]:
 
 
 def aggregate(per_seed: list[dict[str, Any]], settings: Sequence[str], counts: dict[str, int],
-              seconds: float, train: dict) -> dict[str, Any]:
+              seconds: float, train: dict, deploy: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """The demo's JSON: per setting FP / RepQ-ViT / + QwT top-1 (mean ± std over seeds) and the
     per-block QwT report of the first seed."""
     import numpy
@@ -265,6 +351,7 @@ def aggregate(per_seed: list[dict[str, Any]], settings: Sequence[str], counts: d
         "blocks_seed": seeds[0],
         "blocks": {s: per_seed[0]["runs"][s]["blocks"] for s in settings},
         "per_seed": per_seed,
+        "deploy": deploy,
         "determinism": {"threads_per_process": THREADS, "use_deterministic_algorithms": True},
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
                      "numpy": numpy.__version__, "machine": platform.machine()},
@@ -347,6 +434,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     parser.add_argument("--jobs", type=int, default=None,
                         help="parallel processes, one seed each, one thread each (default: number of seeds)")
     parser.add_argument("--retrain", action="store_true", help="ignore the cached demo models")
+    parser.add_argument("--no-onnx", action="store_true",
+                        help=f"skip the ONNX int8 export of the first seed's model ({DEPLOY_SETTING} + QwT)")
     parser.add_argument("--out", default=OUT, help="output folder (default outputs/demo)")
     parser.add_argument("--readme-table", action="store_true",
                         help="print the markdown table of outputs/demo/demo_results.json and exit")
@@ -394,10 +483,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
             futures = [pool.submit(run_seed, seed, settings, args.retrain, out, train) for seed in args.seeds]
             per_seed = [_report(f.result(), t0) for f in futures]
-    summary = aggregate(per_seed, settings, counts, time.perf_counter() - t0, train)
+    deploy = None
+    if not args.no_onnx:
+        print(f"ONNX: {DEPLOY_SETTING} + QwT of seed {args.seeds[0]}'s model, exported as an int8 QDQ graph and "
+              f"run by onnxruntime (log {os.path.join(out, 'logs', 'deploy.log')})", flush=True)
+        deploy = deploy_demo(args.seeds[0], out)
+    summary = aggregate(per_seed, settings, counts, time.perf_counter() - t0, train, deploy)
     _write_json(results_json, summary)
     png = plot_from_json(results_json, figure)
     print("\n" + format_summary(summary))
+    if deploy is not None:
+        print(format_deploy(deploy))
     print(f"(demo took {time.perf_counter() - t0:.0f}s; results {results_json}; figure {png}; "
           f"per-run JSON in {os.path.join(out, 'runs')})")
     return summary

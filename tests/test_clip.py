@@ -569,6 +569,35 @@ def test_cli_option_errors(clip_data, tmp_path):
     assert not (tmp_path / "r.json").exists()
 
 
+def test_qwt_gate_flag_reaches_apply_qwt(clip_data, tmp_path):
+    """--qwt_gate insample (the papers' rule) reaches both towers' QwT and the results; default: holdout."""
+    args = _base_args(clip_data, "all_quant", tmp_path / "r.json") + [
+        "--batch-size", "8", "--iter", "2", "--repq-size", "8", "--qwerty", "--seed", "2"]
+    ins = prepare(args + ["--qwt_gate", "insample"]).results
+    hold = prepare(args).results
+    assert (ins["qwt_gate"], ins["qwt_ridge"]) == ("insample", 0.0)
+    assert (hold["qwt_gate"], hold["qwt_ridge"]) == ("holdout", "auto")
+    for tower in ("visual", "text"):
+        blocks = ins[tower]["qwt"]["blocks"]
+        assert ins[tower]["qwt"]["gate"] == "insample"
+        assert all(b["r2"] == b["r2_insample"] and b["ridge"] == 0.0 for b in blocks)
+        assert all(b["r2"] == b["r2_heldout"] for b in hold[tower]["qwt"]["blocks"])
+    fixed = prepare(args + ["--qwt-ridge", "0.25"]).results
+    assert (fixed["qwt_gate"], fixed["qwt_ridge"]) == ("holdout", 0.25)
+
+
+def test_qwt_gate_option_errors(clip_data, tmp_path, capsys):
+    args = _base_args(clip_data, "image_only", tmp_path / "r.json")
+    assert "add --qwerty" in _exit_message(args + ["--qwt_gate", "insample"])
+    assert "needs --qwt_gate holdout" in _exit_message(args + ["--qwerty", "--qwt_gate", "insample",
+                                                               "--qwt_ridge", "auto"])
+    for bad in (["--qwt_gate", "oracle"], ["--qwt_ridge", "-1"]):
+        with pytest.raises(SystemExit) as exc:
+            main(args + ["--qwerty"] + bad)
+        assert exc.value.code == 2 and bad[0] in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
 # --- scripts/run.sh -----------------------------------------------------------------------------------
 
 def test_run_sh_explains_missing_env():

@@ -194,3 +194,65 @@ def test_distilled_deit_evaluates_mean_of_both_heads():
     # the heads disagree
     agree = (cls_logits.argmax(-1) == expected).float().mean().item() * 100
     assert evaluate(model, [(x, cls_logits.argmax(-1))], "cpu", progress=False).top1 == pytest.approx(agree)
+
+
+# ------------------------------------------------------------------------------ QwT gate / ridge
+def test_qwt_gate_flag_reaches_apply_qwt(data_dir, tmp_path):
+    """--qwt_gate insample: the papers' rule (in-sample R², λ 0) reaches apply_qwt and the JSON."""
+    import json
+
+    runs = {}
+    for name, extra in (("default", []), ("insample", ["--qwt_gate", "insample"]),
+                        ("fixed", ["--qwt-gate", "holdout", "--qwt-ridge", "0.5"])):
+        out = tmp_path / f"{name}.json"
+        cli.main(base_argv("deit_small", data_dir, str(out)) + extra)
+        runs[name] = json.loads(out.read_text())
+    assert (runs["default"]["qwt_gate"], runs["default"]["qwt_ridge"]) == ("holdout", "auto")
+    assert (runs["insample"]["qwt_gate"], runs["insample"]["qwt_ridge"]) == ("insample", 0.0)
+    assert (runs["fixed"]["qwt_gate"], runs["fixed"]["qwt_ridge"]) == ("holdout", 0.5)
+    assert runs["insample"]["qwt"]["gate"] == "insample" and runs["insample"]["qwt"]["ridge"] == 0.0
+    ins, hold = runs["insample"]["qwt"]["blocks"], runs["default"]["qwt"]["blocks"]
+    # the gate's R² is the in-sample one with insample, the held-out one with holdout
+    assert all(b["r2"] == b["r2_insample"] for b in ins)
+    assert all(b["r2"] == b["r2_heldout"] for b in hold)
+    assert [b["r2"] for b in ins] != [b["r2"] for b in hold]
+    assert all(b["ridge"] == 0.0 for b in ins)
+    assert all(b["ridge"] == pytest.approx(0.5) for b in runs["fixed"]["qwt"]["blocks"])
+
+
+def test_qwt_gate_flag_overrides_resnet_recipe(data_dir):
+    """ResNet keeps its published insample/λ 1e-3 unless a flag is given; --qwt_gate holdout → auto λ."""
+    from qwt_core.pipeline import qwt_options
+
+    spec = get_spec("resnet18")
+    qm = cli.quantize_model(spec.create({"num_classes": 3}), spec, 4, 4)
+
+    def effective(*extra):
+        args = cli.build_parser().parse_args(base_argv("resnet18", data_dir, os.devnull) + list(extra))
+        cli.validate_args(args)
+        opts = qwt_options(qm, **args.qwt_options)
+        return opts["gate"], opts["ridge"]
+
+    assert effective() == ("insample", 1e-3)                      # the published recipe
+    assert effective("--qwt_gate", "insample") == ("insample", 1e-3)
+    assert effective("--qwt_gate", "holdout") == ("holdout", "auto")
+    assert effective("--qwt_ridge", "0.01") == ("insample", 0.01)
+    assert effective("--qwt_gate", "holdout", "--qwt_ridge", "0") == ("holdout", 0.0)
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--qwt_gate", "oracle"], "--qwt_gate"),
+    (["--qwt_ridge", "-1"], "--qwt_ridge"),
+    (["--qwt_ridge", "big"], "--qwt_ridge"),
+    (["--qwt_ridge", "nan"], "--qwt_ridge"),
+    (["--qwt_gate", "insample", "--qwt_ridge", "auto"], "holdout"),
+    (["--qwt_gate", "insample", "--skip_qwt"], "--skip_qwt"),
+])
+def test_qwt_gate_bad_values(data_dir, capsys, extra, needle):
+    msg = _one_line_exit(base_argv("deit_small", data_dir, os.devnull) + extra, capsys)
+    assert needle in msg
+
+
+def test_qwt_ridge_auto_needs_holdout_on_resnet(data_dir, capsys):
+    msg = _one_line_exit(base_argv("resnet18", data_dir, os.devnull) + ["--qwt_ridge", "auto"], capsys)
+    assert "holdout" in msg and "insample" in msg

@@ -76,10 +76,24 @@ def test_readme_table_is_the_json(demo_run, capsys):
     assert "seeds 0, 1" in table
 
 
+def test_demo_exports_a_real_int8_onnx_model(demo_run):
+    """Issue 11 item 5: the demo's W8A8 + QwT model runs as an int8 QDQ graph in onnxruntime."""
+    out, summary = demo_run
+    d = summary["deploy"]
+    assert d["seed"] == 0 and d["setting"] == "W8A8" and d["images"] == 540
+    assert os.path.getsize(os.path.join(out, d["onnx"])) > 0 and os.path.getsize(os.path.join(out, d["onnx_fp"])) > 0
+    assert d["quantized_in_float"] == [] and d["integer_layers"] > 0
+    assert sum(d["ort_integer_ops"].values()) >= d["integer_layers"] // 2
+    assert abs(d["top1_ort_int8"] - d["top1_fake_quant"]) <= 0.2 and d["identical_predictions"] >= 0.99
+    assert all(v > 0 for v in d["latency_ms"].values())
+    assert "ONNX int8" in demo.format_deploy(d)
+
+
 def test_demo_is_deterministic_across_process_counts(demo_run):
     """One process instead of two, same seeds: the same models (cached) and the same numbers."""
     out, summary = demo_run
-    again = demo.main(ARGS + ["--out", out, "--jobs", "1"])
+    again = demo.main(ARGS + ["--out", out, "--jobs", "1", "--no-onnx"])
+    assert again["deploy"] is None
     assert all(s["train"]["cached"] for s in again["per_seed"])
     assert again["results"] == summary["results"]
     def numbers(blocks):  # everything but the wall-clock seconds

@@ -318,6 +318,29 @@ def test_end_to_end_fp_repq_qwt_json(tiny_config, legacy_checkpoint, tmp_path):
     assert res["w_bits"] == 4 and res["a_bits"] == 4 and res["calib_size"] == 8
 
 
+def test_qwt_gate_insample_flag_reaches_apply_qwt(tiny_config, legacy_checkpoint, tmp_path):
+    """--qwt_gate insample (the papers' rule): recorded in the JSON, and the gate's R² is the in-sample one."""
+    path, _ = legacy_checkpoint
+    out = tmp_path / "res.json"
+    det_test.main([str(tiny_config), str(path), "--eval", "bbox", "--calib_size", "8", "--calib_batch", "4",
+                   "--device", "cpu", "--qwt_gate", "insample", "--output", str(out),
+                   "--work-dir", str(tmp_path / "work")])
+    res = json.loads(out.read_text())
+    assert (res["qwt_gate"], res["qwt_ridge"]) == ("insample", 0.0)
+    assert res["qwt_report"]["gate"] == "insample"
+    blocks = res["qwt_report"]["blocks"]
+    assert len(blocks) == 8 and all(b["r2"] == b["r2_insample"] and b["ridge"] == 0.0 for b in blocks)
+
+
+@pytest.mark.parametrize("extra,needle", [(["--qwt_gate", "oracle"], "2"), (["--qwt_ridge", "-3"], "2"),
+                                          (["--qwt_gate", "insample", "--qwt_ridge", "auto"], "holdout")])
+def test_bad_qwt_gate_or_ridge(tiny_config, legacy_checkpoint, extra, needle, capsys):
+    msg = _exit_message([str(tiny_config), str(legacy_checkpoint[0]), "--device", "cpu", *extra])
+    assert needle in msg
+    if msg == "2":  # argparse: usage error naming the flag
+        assert extra[0] in capsys.readouterr().err
+
+
 def _free_port() -> int:
     import socket
 

@@ -332,6 +332,23 @@ def test_cli_decoder_end_to_end(assets, tmp_path):
     assert [g["mode"] for g in res["calibration"]["groups"]] == ["scale_only"] * 4
 
 
+def test_cli_qwt_gate_alias_and_ridge(assets, tmp_path, capsys):
+    """--qwt_gate (the other scripts' name) is --gate; --qwt_ridge reaches the fit; both go to the JSON."""
+    base = ["--model", assets["llama"], "--calib-text", assets["calib"], "--eval-text", assets["eval"],
+            "--calib-size", "48", "--eval-size", "8"]
+    for extra, gate, ridge in ((["--qwt_gate", "insample"], "insample", 0.0),
+                               (["--gate", "holdout", "--qwt_ridge", "0.5"], "holdout", 0.5)):
+        out = str(tmp_path / f"{gate}.json")
+        assert _run_cli(base + extra + ["--output", out]) == 0
+        res = json.load(open(out))
+        assert (res["qwt_gate"], res["qwt_ridge"]) == (gate, ridge) and res["qwt_report"]["gate"] == gate
+        assert all(b["ridge"] == pytest.approx(ridge) for b in res["qwt_report"]["blocks"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        _run_cli(base + ["--qwt_ridge", "-1"])
+    assert exc.value.code == 2 and "--qwt_ridge" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--model", "/nonexistent/model/dir"], "model folder not found: /nonexistent/model/dir"),
     (["--model", "someorg/not-cached-model"], "neither a local folder nor in the Hugging Face cache"),
@@ -340,6 +357,7 @@ def test_cli_decoder_end_to_end(assets, tmp_path):
     (["--calib-size", "1000"], "has 96 texts, 1000 were asked for"),
     (["--w_bits", "1"], "w_bits=1 is not supported"),
     (["--save_quantized", "a.pt", "--load_quantized", "b.pt"], "--load_quantized and --save_quantized together: pick one"),
+    (["--qwt_gate", "insample", "--qwt_ridge", "auto"], "needs --gate holdout"),
 ])
 def test_cli_errors_are_one_line(assets, capsys, monkeypatch, tmp_path, extra, message):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))

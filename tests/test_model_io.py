@@ -1,4 +1,6 @@
 """A quantized + compensated model reloads without recalibration and gives the same outputs."""
+import functools
+
 import pytest
 import torch
 
@@ -11,7 +13,10 @@ from qwt_core.repq import uninitialized_quantizers
 BUILDERS = {
     "vit": (tiny_vit, quantize_timm_vit, 32),
     "swin": (tiny_swin, quantize_timm_swin, 56),   # reduction Linear gains a bias in the reparam
-    "resnet": (tiny_resnet, quantize_resnet, 64),  # BN folded, grouped-conv compensation
+    # default (published) recipe: BatchNorm kept, its statistics come from the file; grouped-conv compensation
+    "resnet": (tiny_resnet, quantize_resnet, 64),
+    # folded recipe: the rebuild folds BN into the convs again before the saved weights are loaded
+    "resnet_folded": (tiny_resnet, functools.partial(quantize_resnet, recipe="folded"), 64),
 }
 
 
@@ -31,6 +36,9 @@ def test_save_and_reload_roundtrip(tmp_path, family):
     torch.manual_seed(99)  # a different random init: everything must come from the file
     rebuilt, meta = load_quantized(path, lambda m: quantize(build(), m["w_bits"], m["a_bits"]))
     assert meta["family"] == family
+    if family.startswith("resnet"):  # BatchNorm kept by the published recipe, folded away by "folded"
+        n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in rebuilt.model.modules())
+        assert (n_bn > 0) == (family == "resnet"), n_bn
     assert uninitialized_quantizers(rebuilt.model) == []
     with torch.no_grad():
         got = rebuilt.model(x)

@@ -57,6 +57,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     require_detection_stack()
     from mmengine.config import DictAction
 
+    from qwt_core.cli_options import add_qwt_arguments
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="detector config (configs/swin/*.py)")
     p.add_argument("checkpoint", help="detector checkpoint (original Swin detection or mmdet 3.x layout)")
@@ -73,6 +75,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="RepQ-ViT calibration batch (default qwt_calib.repq_batch, 32)")
     p.add_argument("--start_block", "--start-block", dest="start_block", type=int, default=0,
                    help="first backbone block that QwT compensates")
+    add_qwt_arguments(p, default_note="holdout; insample reproduces the papers' rule")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration image shuffle")
     p.add_argument("--calib-source", "--calib_source", dest="calib_source", choices=["folder", "synthetic"],
                    default="folder", help="folder: qwt_calib.img_dir images (train2017); synthetic: a set "
@@ -182,6 +185,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         raise SystemExit(str(err)) from err
     if args.plot is not None and not args.plot.lower().endswith(".png"):
         raise SystemExit(f"--plot {args.plot}: the figure is a PNG, the file name must end in .png")
+    from qwt_core.cli_options import qwt_overrides
+
+    try:
+        qwt_kwargs = qwt_overrides(args.qwt_gate, args.qwt_ridge)
+    except ValueError as err:
+        raise SystemExit(str(err)) from err
     cfg = load_config(args)
     args.checkpoint = str(resolve_path(args.checkpoint, ROOT, ROOT / "det_repq_vit"))
     if not Path(args.checkpoint).is_file():
@@ -269,7 +278,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     else:
         qwt_images = CalibrationImages(shard(paths[:calib_size], rank, world), calib.pipeline,
                                        calib.get("batch_size", 32), model.data_preprocessor)
-    report = compensate_backbone(qm, qwt_images, start_block=args.start_block)
+    report = compensate_backbone(qm, qwt_images, start_block=args.start_block, **qwt_kwargs)
     timings["qwt"] = time.perf_counter() - t0
     run_eval("qwt")
 
@@ -280,7 +289,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "world_size": world, "results": results, "calib_source": args.calib_source,
         "synth_dir": args.synth_dir,
         "ap": {k: {"bbox": _ap(v, "bbox"), "segm": _ap(v, "segm")} for k, v in results.items()},
-        "qwt_report": report.to_dict(), "seconds": timings,
+        "qwt_gate": report.gate, "qwt_ridge": report.ridge, "qwt_report": report.to_dict(), "seconds": timings,
     }
     if is_main_process():
         print(report.format_table())

@@ -1,0 +1,71 @@
+"""The QwT gate/ridge command-line options shared by the repository's scripts.
+
+``add_qwt_arguments(parser)`` adds ``--qwt_gate {holdout,insample}`` and ``--qwt_ridge {auto,FLOAT}``
+(also spelled ``--qwt-gate`` / ``--qwt-ridge``); both default to None = "the adapter's recipe". Then
+``qwt_overrides(args.qwt_gate, args.qwt_ridge, default_gate)`` gives the keyword arguments for
+:func:`qwt_core.compensate` / :func:`qwt_core.qwt.apply_qwt`:
+
+* no flag: ``{}`` (the adapter's ``qwt_kwargs``, else the engine default ``gate="holdout"``, ``ridge="auto"``);
+* ``--qwt_gate G`` alone: ``gate=G`` with the engine's ridge for that gate (``"auto"`` for holdout, the
+  reference λ - 0 for token blocks, 1e-3 for conv blocks - for insample), whatever ridge the adapter set;
+* ``--qwt_ridge R``: ``ridge=R`` on top of the chosen (or the adapter's) gate.
+
+``--qwt_gate insample`` (no ridge) is the papers' rule. ``--qwt_ridge auto`` needs the holdout gate.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Any, Optional, Sequence, Union
+
+GATES = ("holdout", "insample")
+
+
+def parse_ridge(value: str) -> Union[float, str]:
+    """argparse ``type`` of ``--qwt_ridge``: ``"auto"`` or a finite float >= 0."""
+    if str(value).strip().lower() == "auto":
+        return "auto"
+    try:
+        lam = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not 'auto' or a number >= 0") from None
+    if not math.isfinite(lam) or lam < 0:
+        raise argparse.ArgumentTypeError(f"{value!r}: the ridge λ must be a finite number >= 0")
+    return lam
+
+
+def add_qwt_arguments(parser: argparse.ArgumentParser,
+                      gate_flags: Sequence[str] = ("--qwt_gate", "--qwt-gate"),
+                      ridge_flags: Sequence[str] = ("--qwt_ridge", "--qwt-ridge"),
+                      default_note: str = "the adapter's recipe: holdout for token blocks") -> None:
+    """Add ``--qwt_gate`` (dest ``qwt_gate``) and ``--qwt_ridge`` (dest ``qwt_ridge``), default None."""
+    parser.add_argument(*gate_flags, dest="qwt_gate", choices=list(GATES), default=None,
+                        help=f"QwT gate: holdout (compensate a block iff its held-out R² > 0, λ chosen on "
+                             f"held-out rows) or insample (the papers' rule: in-sample R² > 0); default: "
+                             f"{default_note}")
+    parser.add_argument(*ridge_flags, dest="qwt_ridge", type=parse_ridge, default=None, metavar="{auto,FLOAT}",
+                        help="QwT ridge λ: 'auto' (holdout gate only) or a number >= 0; default: 'auto' "
+                             "with the holdout gate, the reference λ (0 for token blocks, 1e-3 for conv "
+                             "blocks) with insample")
+
+
+def qwt_overrides(gate: Optional[str], ridge: Union[float, str, None],
+                  default_gate: str = "holdout") -> dict[str, Any]:
+    """The ``compensate`` keyword arguments for the flags (see the module docstring).
+
+    ``default_gate``: the gate used when ``--qwt_gate`` is not given (the adapter's, e.g. ``insample``
+    for the published ResNet recipe). Raises ``ValueError`` for ``ridge="auto"`` with the insample gate.
+    """
+    if gate is not None and gate not in GATES:
+        raise ValueError(f"--qwt_gate {gate!r}: use holdout or insample")
+    out: dict[str, Any] = {}
+    if gate is not None:
+        out["gate"] = gate
+        out["ridge"] = "auto" if gate == "holdout" else None
+    if ridge is not None:
+        out["ridge"] = ridge
+    effective = gate or default_gate
+    if effective == "insample" and out.get("ridge") == "auto":
+        raise ValueError("--qwt_ridge auto picks λ on held-out rows and needs --qwt_gate holdout"
+                         + ("" if gate else f" (this model's default gate is {default_gate})"))
+    return out
