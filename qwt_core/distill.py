@@ -4,6 +4,8 @@
   student's, ``τ²·KL(p_T ‖ p_S)`` (softmax logits, or per-element sigmoid logits such as RPN
   objectness), averaged over rows / feature levels.
 * :class:`BlockOutputRecorder` - forward hooks that record the outputs of named blocks.
+* :func:`flatten_concat` - per-sample concatenation of several output maps into one logit vector
+  (DFQ's RPN KL: objectness and box deltas of all levels in one softmax).
 * :func:`block_mse` - mean over blocks of the MSE between student and teacher block outputs.
 * :class:`Distiller` - runs teacher (frozen, no grad) and student on the same input and returns
   ``{"kl", "mse", "total"}`` with ``total = w_kl·kl + w_mse·mse``.
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["kl_distill", "BlockOutputRecorder", "block_mse", "Distiller"]
+__all__ = ["kl_distill", "flatten_concat", "BlockOutputRecorder", "block_mse", "Distiller"]
 
 Logits = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -58,6 +60,18 @@ def kl_distill(student: Logits, teacher: Logits, tau: float = 1.0,
             raise ValueError(f"kind={kind!r}: use 'softmax' or 'sigmoid'")
         losses.append(kl)
     return torch.stack(losses).mean() * tau ** 2
+
+
+def flatten_concat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[(B, ...), (B, ...), ...]`` → ``(B, Σ numel/B)``: each tensor flattened per sample, then
+    concatenated along dim 1 (order kept). DFQ's detection KL applies one softmax at τ=1 over
+    ``flatten_concat(cls_scores + bbox_preds)`` of the RPN (all levels), ``batchmean`` reduction."""
+    if not tensors:
+        raise ValueError("flatten_concat needs at least one tensor")
+    b = tensors[0].shape[0]
+    if any(t.shape[0] != b for t in tensors):
+        raise ValueError(f"flatten_concat: batch sizes differ ({[tuple(t.shape) for t in tensors]})")
+    return torch.cat([t.reshape(b, -1) for t in tensors], dim=1)
 
 
 def _first_tensor(out: Any) -> torch.Tensor:

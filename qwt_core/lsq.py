@@ -84,6 +84,18 @@ class LSQQuantizer(nn.Module):
     def extra_repr(self) -> str:
         return f"n_bits={self.n_bits}, signed={self.signed}"
 
+    @property
+    def is_inited(self) -> bool:
+        """True once the step was initialised (lets the quant layers cache ``Q_w(W)`` under no_grad)."""
+        return bool(self.inited)
+
+    @property
+    def version(self) -> tuple:
+        """Changes whenever the step (or offset) is updated in place: keys the quantized-weight cache."""
+        off = getattr(self, "offset", None)
+        return (self.step.data_ptr(), self.step._version,
+                None if off is None else (off.data_ptr(), off._version))
+
     def init_step(self, x: torch.Tensor) -> torch.Tensor:
         """LSQ's initial step ``2·mean|x|/√Q_P`` (scalar tensor)."""
         return 2.0 * x.detach().abs().mean() / math.sqrt(self.q_p)

@@ -59,6 +59,19 @@ def _build_compensation(spec: dict[str, Any]) -> nn.Module:
     return nn.Linear(spec["in"], spec["out"], bias=True)
 
 
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """``torch.save(obj, path)`` through a temporary file in the same folder and ``os.replace``: a
+    reader (or a crash) never sees a half-written file; the folder is created."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def save_quantized(model: nn.Module, path: str, meta: dict[str, Any]) -> None:
     """Write ``model`` (quantized, maybe compensated) and ``meta`` (what ``build`` needs) to ``path``.
 
@@ -67,15 +80,8 @@ def save_quantized(model: nn.Module, path: str, meta: dict[str, Any]) -> None:
     """
     compensations = {name: _describe(m.compensation) for name, m in model.named_modules()
                      if isinstance(m, CompensatedBlock)}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        torch.save({"format": FORMAT, "meta": dict(meta), "compensations": compensations,
-                    "state_dict": model.state_dict()}, tmp)
-        os.replace(tmp, path)  # atomic: a reader never sees a half-written file
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_torch_save({"format": FORMAT, "meta": dict(meta), "compensations": compensations,
+                       "state_dict": model.state_dict()}, path)
 
 
 def read_quantized(path: str) -> dict[str, Any]:

@@ -28,16 +28,20 @@ from typing import Any, Mapping, Optional, Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-__all__ = ["plot_accuracy", "plot_block_errors", "plot_summary", "read_plot_data", "summary_size_px",
-           "ACCURACY_SIZE_PX", "BLOCKS_SIZE_PX", "DATA_KEY"]
+__all__ = ["plot_accuracy", "plot_block_errors", "plot_summary", "plot_loss_curves", "read_plot_data",
+           "summary_size_px", "ACCURACY_SIZE_PX", "BLOCKS_SIZE_PX", "LOSS_SIZE_PX", "DATA_KEY"]
 
 DPI = 100
 ACCURACY_SIZE_IN = (8.0, 5.0)
 BLOCKS_SIZE_IN = (9.0, 5.0)
+LOSS_SIZE_IN = (10.0, 7.0)
 #: (width, height) in pixels of the PNGs written by :func:`plot_accuracy` / :func:`plot_block_errors`.
 ACCURACY_SIZE_PX = (int(ACCURACY_SIZE_IN[0] * DPI), int(ACCURACY_SIZE_IN[1] * DPI))
 BLOCKS_SIZE_PX = (int(BLOCKS_SIZE_IN[0] * DPI), int(BLOCKS_SIZE_IN[1] * DPI))
+#: (width, height) in pixels of the PNG written by :func:`plot_loss_curves`.
+LOSS_SIZE_PX = (int(LOSS_SIZE_IN[0] * DPI), int(LOSS_SIZE_IN[1] * DPI))
 PANEL_WIDTH_IN = 6.5
 SUMMARY_HEIGHT_IN = 5.0
 #: PNG text chunk holding the plotted numbers as JSON.
@@ -311,6 +315,53 @@ def plot_summary(rows: Sequence[Mapping[str, Any]], block_sets: Mapping[str, Seq
                             "accuracy": _draw_accuracy(acc_ax, rows, accuracy_title, ylabel), "block_sets": {}}
     for ax, (name, blocks) in zip(block_axes, checked.items()):
         data["block_sets"][name] = _draw_blocks(ax, blocks, name)
+    return _save(fig, path, data)
+
+
+def plot_loss_curves(history: Sequence[Mapping[str, Any]], path: str, title: str,
+                     terms: Sequence[str] = ("total", "det", "kl", "mse")) -> str:
+    """Training loss per iteration, one panel per loss term (2 columns), epoch boundaries dotted
+    (linear axes: a term can be 0, e.g. KL while the student still equals the teacher).
+
+    Args:
+        history: ``[{"iter": 1, "epoch": 1, "total": .., "det": .., "kl": .., "mse": ..}, ...]``
+            (``iter`` global and increasing; a term missing or non-finite in a row is a gap).
+        path: PNG file (``.png``); its folder is created. Size :data:`LOSS_SIZE_PX`.
+        title: figure title.
+        terms: the keys to draw, one panel each (a term absent from every row is an error).
+    Returns:
+        ``path`` (absolute).
+    """
+    path = _check_path(path)
+    rows = list(history)
+    if not rows:
+        raise ValueError("plot_loss_curves got an empty history: train for at least one iteration")
+    if any(not _finite(r.get("iter")) for r in rows):
+        raise ValueError("plot_loss_curves: every history row needs a numeric 'iter'")
+    absent = [t for t in terms if not any(t in r for r in rows)]
+    if absent:
+        raise ValueError(f"plot_loss_curves: no row has the loss term {absent[0]!r}")
+    fig = Figure(figsize=LOSS_SIZE_IN, dpi=DPI, layout="constrained")
+    fig.suptitle(title, fontsize=11)
+    ncols = 2 if len(terms) > 1 else 1
+    nrows = math.ceil(len(terms) / ncols)
+    its = [int(r["iter"]) for r in rows]
+    bounds = [its[k] - 0.5 for k in range(1, len(rows)) if rows[k].get("epoch") != rows[k - 1].get("epoch")]
+    data: dict[str, Any] = {"kind": "loss_curves", "title": title, "iters": its, "curves": {},
+                            "epoch_bounds": bounds}
+    for k, term in enumerate(terms):
+        ax = fig.add_subplot(nrows, ncols, k + 1)
+        ys = [float(r[term]) if _finite(r.get(term)) else None for r in rows]
+        ax.plot(its, [math.nan if y is None else y for y in ys], color=_EXTRA_COLORS[k % len(_EXTRA_COLORS)],
+                lw=1.2, marker="." if len(its) <= 50 else None)
+        for b in bounds:
+            ax.axvline(b, color="#999999", ls=":", lw=0.8)
+        ax.set_title(term, fontsize=10)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        data["curves"][term] = ys
     return _save(fig, path, data)
 
 
