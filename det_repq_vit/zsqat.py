@@ -13,7 +13,7 @@
 
 Distributed runs: every rank builds the same student, the LSQ steps are initialised from rank 0's
 first batch and every parameter / buffer is broadcast from rank 0 (:func:`broadcast_module`); the
-original initialises the steps separately on each rank (DFQ-SPEC §7.2 pitfall 9).
+original initialises the steps separately on each rank (a defect of the released code).
 """
 from __future__ import annotations
 

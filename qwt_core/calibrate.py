@@ -7,7 +7,8 @@ batches carry padding). It runs RepQ-ViT's three steps (:mod:`qwt_core.repq`):
    Linears on the real rows only when a ``row_mask`` is given, see :func:`calibration_mask`);
 2. the norm → Linear reparameterization (:func:`qwt_core.repq.reparameterize_norm_group`) of every
    pair that is exact;
-3. a second ``forward()`` to re-fit the quantizers reset by step 2.
+3. the quantizers reset by step 2 are re-fitted: weight quantizers on their weights, and a second
+   ``forward()`` only if an input quantizer was reset (norms without a bias).
 
 ``ln_pairs="auto"`` finds the pairs during step 1: a ``TorchFunctionMode`` follows every norm's
 output tensor (through layout-only ops such as ``view``/``permute`` keeping channels last, and
@@ -36,7 +37,8 @@ from torch.overrides import TorchFunctionMode
 
 from .modules import QuantLayerMixin, QuantLinear, quantizers, set_quant_state
 from .quantizers import UniformQuantizer
-from .repq import group_ln_pairs, norm_fold_mode, reparameterize_norm_group, uninitialized_quantizers
+from .repq import (group_ln_pairs, norm_fold_mode, refit_weight_quantizers, reparameterize_norm_group,
+                   uninitialized_quantizers)
 
 logger = logging.getLogger(__name__)
 
@@ -504,8 +506,11 @@ def calibrate(model: nn.Module, forward: Callable[[], Any], ln_pairs: PairSpec =
                       f"calibrate: skipped the reparameterization of {len(skipped)} norm(s), e.g. "
                       f"{example.norm}: {example.reason}", UserWarning, stacklevel=2)
 
-    with calibration_mask(model, row_mask) as masked2:
-        forward()
+    refit_weight_quantizers(model)  # weight quantizers need no forward
+    masked2: list[str] = []
+    if uninitialized_quantizers(model):
+        with calibration_mask(model, row_mask) as masked2:
+            forward()
     missing = uninitialized_quantizers(model)
     if missing:
         raise RuntimeError(f"{len(missing)} quantizers saw no data during calibration, e.g. {missing[:3]}; "

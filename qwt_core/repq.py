@@ -117,6 +117,26 @@ def reparameterize_norm_group(norm: nn.Module, linears: Sequence[QuantLinear],
 
 
 @torch.no_grad()
+def refit_weight_quantizers(model: nn.Module) -> int:
+    """Initialise every reset weight quantizer of a quant Linear / Conv directly on its weight.
+
+    What the lazy second calibration forward would do for them (``quantized_weight`` calls the
+    quantizer on ``self.weight``; a weight quantizer never sees activations), without running the
+    model. Returns how many were initialised.
+    """
+    from .modules import QuantConv2d
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, (QuantLinear, QuantConv2d)) and m.use_weight_quant:
+            wq = m.weight_quantizer
+            if wq.enabled and not wq.is_inited:
+                wq.initialize(m.weight)
+                n += 1
+    return n
+
+
+@torch.no_grad()
 def repq_calibrate(forward: Callable[[], Any], model: nn.Module,
                    ln_pairs: Sequence[tuple[nn.Module, QuantLinear]],
                    integer_zero_point: bool = False) -> None:
@@ -126,7 +146,9 @@ def repq_calibrate(forward: Callable[[], Any], model: nn.Module,
        already-quantized inputs;
     2. each norm with its Linears (pairs grouped by norm) is reparameterized (channel-wise →
        per-tensor input quantizer, the Linears' weight quantizers are reset);
-    3. ``forward()`` again to re-fit the reset quantizers.
+    3. the reset quantizers are re-fitted: weight quantizers directly on their weights (what a
+       forward would do for them), and ``forward()`` runs again only if an activation quantizer
+       was reset too (norms without a bias, :func:`fold_norm_scale`).
 
     ``forward`` runs the model on the calibration batch (e.g. ``lambda: model(images)``). For any
     model with automatic pair detection and padding masks see :func:`qwt_core.calibrate.calibrate`.
@@ -135,4 +157,6 @@ def repq_calibrate(forward: Callable[[], Any], model: nn.Module,
     forward()
     for norm, linears in group_ln_pairs(ln_pairs):
         reparameterize_norm_group(norm, linears, integer_zero_point=integer_zero_point)
-    forward()
+    refit_weight_quantizers(model)
+    if uninitialized_quantizers(model):
+        forward()
