@@ -135,3 +135,10 @@ def test_det_tool_names_the_command_when_the_detection_layer_is_missing(tmp_path
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in res.stderr
     assert "`make det`" in lines[0] and "mmcv" in lines[0]
+
+
+def test_shipped_models_match_the_default_recipe():
+    """The models in scripts/demo_models are used only if their recorded recipe is the default one:
+    a change of TRAIN or MODEL_KWARGS without retraining them would silently make `make demo` train."""
+    for seed in demo.DEFAULT_SEEDS:
+        assert demo._cached(demo.shipped_model(seed), seed, demo.TRAIN), seed
