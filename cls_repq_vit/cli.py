@@ -22,7 +22,7 @@ from torch import nn
 
 import qwt_core
 from qwt_core.adapters.base import QuantizedModel
-from qwt_core.cli_options import add_qwt_arguments, qwt_overrides
+from qwt_core.cli_options import add_qwt_arguments, add_speed_arguments, apply_speed_arguments, qwt_overrides
 from qwt_core.distributed import is_main_process
 
 from . import data as cls_data
@@ -88,6 +88,7 @@ def build_parser(choices: Optional[list[str]] = None, description: str = "") -> 
                         "(what a deployment runs). Both use the RepQ-ViT MSE quantizers")
     add_qwt_arguments(p, default_note="the model's recipe: holdout for ViT/DeiT/Swin, insample with "
                                       "λ 1e-3 for the published ResNet recipe; insample reproduces the papers")
+    add_speed_arguments(p)
     p.add_argument("--eval_fp", action="store_true", help="also evaluate the full-precision model")
     p.add_argument("--skip_qwt", action="store_true", help="stop after the baseline quantization")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cuda:N or cpu")
@@ -156,6 +157,8 @@ def validate_args(args: argparse.Namespace, choices: Optional[list[str]] = None)
                                          default_gate)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    apply_speed_arguments(args, device)
     if args.qwt_options and (args.skip_qwt or getattr(args, "load_quantized", None)):
         raise SystemExit("error: --qwt_gate/--qwt_ridge set the QwT fit, but "
                          + ("--skip_qwt computes none" if args.skip_qwt else
@@ -273,6 +276,7 @@ def _run(args: argparse.Namespace, spec: ModelSpec, rank: int, world: int, devic
         "act_mode": args.act_mode, "img_size": args.img_size, "calib_size": args.calib_size,
         "repq_calib_size": args.repq_calib_size, "start_block": args.start_block, "seed": args.seed,
         "integer_zero_point": args.integer_zero_point, "world_size": world, "device": str(device),
+        "fused_fake_quant": bool(getattr(args, "fused_fake_quant", False)),
         "torch": torch.__version__, "python": platform.python_version(), "accuracy": {},
         "timings_s": timings}
     baseline = BASELINE_NAME[spec.family]

@@ -44,7 +44,7 @@ from mm_clip.ptq import PTQConfig, quantize_text, quantize_visual
 from mm_clip.wds_calib import DEFAULT_INDEX_CACHE, draw_samples, expand_shards, index_shards, read_pairs
 from mm_clip.zeroshot import build_zero_shot_classifier, evaluate_zero_shot
 from qwt_core import load_quantized, save_quantized, validate_bits
-from qwt_core.cli_options import add_qwt_arguments, qwt_overrides
+from qwt_core.cli_options import add_qwt_arguments, add_speed_arguments, apply_speed_arguments, qwt_overrides
 from qwt_core.adapters.open_clip import (PATCH_EMBED_INPUT_BITS, ZeroShotHead, quantize_open_clip_text,
                                          quantize_open_clip_visual, quantize_zero_shot_head)
 from qwt_core.distributed import (ShardSampler, destroy_distributed, init_distributed_from_env,
@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="round the reparameterized zero point (exact RepQ-ViT reparameterization)")
     p.add_argument("--start_block", type=int, default=0, help="QwT compensates blocks from this index on")
     add_qwt_arguments(p, default_note="holdout; insample reproduces the papers' rule (needs --qwerty)")
+    add_speed_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None,
                    help="cpu, cuda, cuda:1 ... (default: cuda if available; under torchrun cuda:LOCAL_RANK)")
@@ -167,6 +168,7 @@ def _validate(args: argparse.Namespace) -> None:
             qwt_overrides(args.qwt_gate, args.qwt_ridge)
         except ValueError as e:
             raise InputError(str(e)) from None
+    apply_speed_arguments(args, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.plot and not args.qwerty:
         raise InputError("--plot draws the per-block error before / after QwT: add --qwerty")
     if args.plot and not args.plot.lower().endswith(".png"):
@@ -386,7 +388,7 @@ def _prepare(args: argparse.Namespace, rank: int, world: int, device: torch.devi
     check_val_dir(args.imagenet_val)
     results: dict[str, Any] = {"choice": args.choice, "device": str(device), "world_size": world,
                                "seed": args.seed, "templates": len(OPENAI_IMAGENET_TEMPLATES),
-                               "torch": torch.__version__}
+                               "fused_fake_quant": bool(args.fused_fake_quant), "torch": torch.__version__}
 
     if args.load_quantized:
         bundle, meta, preprocess = _load(args, device)

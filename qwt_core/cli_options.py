@@ -1,4 +1,4 @@
-"""The QwT gate/ridge command-line options shared by the repository's scripts.
+"""The QwT gate/ridge (and fused fake-quant) command-line options shared by the repository's scripts.
 
 ``add_qwt_arguments(parser)`` adds ``--qwt_gate {holdout,insample}`` and ``--qwt_ridge {auto,FLOAT}``
 (also spelled ``--qwt-gate`` / ``--qwt-ridge``); both default to None = "the adapter's recipe". Then
@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import shutil
 from typing import Any, Optional, Sequence, Union
 
 GATES = ("holdout", "insample")
@@ -69,3 +71,30 @@ def qwt_overrides(gate: Optional[str], ridge: Union[float, str, None],
         raise ValueError("--qwt_ridge auto picks λ on held-out rows and needs --qwt_gate holdout"
                          + ("" if gate else f" (this model's default gate is {default_gate})"))
     return out
+
+
+def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--fused_fake_quant`` (dest ``fused_fake_quant``, default False)."""
+    parser.add_argument("--fused_fake_quant", "--fused-fake-quant", dest="fused_fake_quant",
+                        action="store_true",
+                        help="fake quantization through torch.compile-fused kernels (same values; faster "
+                             "calibration, evaluation and QwT on long runs; compiling costs tens of seconds "
+                             "once per process and needs a C++ compiler on CPU)")
+
+
+def apply_speed_arguments(args: argparse.Namespace, device: Optional[str] = None) -> bool:
+    """Switch fused fake quantization on if ``args.fused_fake_quant``; returns the setting.
+
+    Raises ``SystemExit`` with one line, before anything runs, when inductor would need a C++
+    compiler that is not on ``PATH`` (a CPU run): torch.compile would otherwise fail mid-run.
+    """
+    from .quantizers import set_fused_fake_quant
+
+    on = bool(getattr(args, "fused_fake_quant", False))
+    if on and (device is None or not str(device).startswith("cuda")):
+        cxx = os.environ.get("CXX") or "g++"
+        if not any(shutil.which(c) for c in (cxx, "g++", "c++", "clang++")):
+            raise SystemExit("error: --fused_fake_quant compiles CPU kernels with torch.compile, which needs a "
+                             "C++ compiler (g++ or clang++) on PATH: install one or drop the flag")
+    set_fused_fake_quant(on)
+    return on

@@ -196,6 +196,37 @@ def test_distilled_deit_evaluates_mean_of_both_heads():
     assert evaluate(model, [(x, cls_logits.argmax(-1))], "cpu", progress=False).top1 == pytest.approx(agree)
 
 
+# ------------------------------------------------------------------------------ fused fake quant
+def test_fused_fake_quant_flag_gives_the_same_numbers(data_dir, tmp_path):
+    """--fused_fake_quant (torch.compile kernels) changes the speed, not the results."""
+    import json
+
+    from qwt_core import quantizers as qz
+
+    runs = {}
+    try:
+        for name, extra in (("eager", []), ("fused", ["--fused_fake_quant"])):
+            out = tmp_path / f"{name}.json"
+            cli.main(base_argv("deit_small", data_dir, str(out)) + extra)
+            runs[name] = json.loads(out.read_text())
+    finally:
+        qz.set_fused_fake_quant(False)
+    assert runs["eager"]["fused_fake_quant"] is False and runs["fused"]["fused_fake_quant"] is True
+    for method in ("baseline", "qwt"):
+        fused, eager = runs["fused"]["accuracy"][method], runs["eager"]["accuracy"][method]
+        assert (fused["top1"], fused["top5"], fused["count"]) == (eager["top1"], eager["top5"], eager["count"])
+    for a, b in zip(runs["fused"]["qwt"]["blocks"], runs["eager"]["qwt"]["blocks"]):
+        assert a["applied"] == b["applied"] and a["r2"] == pytest.approx(b["r2"], rel=1e-6, abs=1e-9)
+
+
+def test_fused_fake_quant_without_compiler_is_one_line(data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no g++ / clang++ here
+    monkeypatch.delenv("CXX", raising=False)
+    argv = base_argv("deit_small", data_dir, str(tmp_path / "r.json")) + ["--fused_fake_quant", "--device", "cpu"]
+    msg = _one_line_exit(argv, capsys)
+    assert "C++ compiler" in msg and not (tmp_path / "r.json").exists()
+
+
 # ------------------------------------------------------------------------------ QwT gate / ridge
 def test_qwt_gate_flag_reaches_apply_qwt(data_dir, tmp_path):
     """--qwt_gate insample: the papers' rule (in-sample R², λ 0) reaches apply_qwt and the JSON."""
