@@ -7,7 +7,9 @@ same number of threads everywhere:
 * ``ort_fp``       - the FP model exported to ONNX, run by onnxruntime (the unit of the ratios);
 * ``ort_int8``     - RepQ-ViT (Percentile for ResNet) exported by :func:`qwt_core.export.export_onnx`;
 * ``ort_int8_qwt_fp32`` / ``ort_int8_qwt_int8`` - the same + QwT, compensation kept fp32 / as a W8A8
-  QDQ Linear (ViT/Swin only: a ResNet conv compensation feeds the residual sum, see the export docs).
+  QDQ Linear (ViT/Swin only: a ResNet conv compensation feeds the residual sum, see the export docs);
+* ``ort_static_quant`` (``--ort_reference``) - onnxruntime's own ``quantize_static`` of the FP graph:
+  what onnxruntime reaches by itself on this CPU (a latency reference, not the RepQ-ViT model).
 
 The quantized models are calibrated on random images (RepQ-ViT with ``integer_zero_point=True``;
 QwT with ``gate="insample"`` so that every block gets its compensation: the worst case for latency).
@@ -70,8 +72,33 @@ def _quantize(name: str, model: torch.nn.Module, w_bits: int, a_bits: int):
     return qwt_core.quantize_resnet(model, w_bits, a_bits, act_mode="reference8")
 
 
-def prepare(name: str, w_bits: int, a_bits: int, img: int, calib: int, workdir: str, log: Callable
-            ) -> tuple[dict[str, Any], dict[str, Any]]:
+def _ort_static_quant(fp_path: str, out_path: str, images: torch.Tensor) -> dict[str, Any]:
+    """onnxruntime's own static quantizer on the FP graph (QDQ, per-channel int8 weights, uint8
+    activations, MinMax on ``images``): what onnxruntime reaches by itself on this CPU, as a reference
+    for the latency of our export (not the same quantizer, not exact on non-VNNI CPUs)."""
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter([{"images": images[i:i + 1].numpy()} for i in range(len(images))])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    t = time.perf_counter()
+    pre = out_path.replace(".onnx", "_pre.onnx")
+    quant_pre_process(fp_path, pre)
+    quantize_static(pre, out_path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    os.remove(pre)
+    return {"tool": "onnxruntime.quantization.quantize_static (QDQ, per-channel QInt8 W, QUInt8 A, MinMax)",
+            "seconds": time.perf_counter() - t}
+
+
+def prepare(name: str, w_bits: int, a_bits: int, img: int, calib: int, workdir: str, log: Callable,
+            ort_reference: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     """Build, quantize, compensate and export one model; returns (runners, info)."""
     spec = get_spec(name)
     g = torch.Generator().manual_seed(0)
@@ -84,6 +111,9 @@ def prepare(name: str, w_bits: int, a_bits: int, img: int, calib: int, workdir: 
     files["ort_fp"] = os.path.join(workdir, f"{name}_fp.onnx")
     qx.export_fp_onnx(fp, images[:2], files["ort_fp"])
     info["export_fp_s"] = time.perf_counter() - t
+    if ort_reference:
+        files["ort_static_quant"] = os.path.join(workdir, f"{name}_ort_static.onnx")
+        info["ort_static_quant"] = _ort_static_quant(files["ort_fp"], files["ort_static_quant"], images)
 
     qm = _quantize(name, copy.deepcopy(fp), w_bits, a_bits)
     t = time.perf_counter()
@@ -171,6 +201,8 @@ def main(argv=None) -> dict[str, Any]:
                    help="ResNet weight bits to run (inputs at 8 bits, the reference's mode); W8 "
                         "asymmetric conv weights have no exact QLinearConv form, W4 do")
     p.add_argument("--calib", type=int, default=16, help="random calibration images")
+    p.add_argument("--ort_reference", action="store_true",
+                   help="also time onnxruntime's own quantize_static of the FP graph (token models)")
     p.add_argument("--img_size", type=int, default=224)
     p.add_argument("--out", default=os.path.join(ROOT, "outputs", "bench", "onnx_latency.json"))
     args = p.parse_args(argv)
@@ -197,7 +229,8 @@ def main(argv=None) -> dict[str, Any]:
                 key = f"{name}_w{w_bits}a{a_bits}"
                 print(f"== {key}: build, calibrate, export", flush=True)
                 t = time.perf_counter()
-                runners, info = prepare(name, w_bits, a_bits, args.img_size, args.calib, workdir, print)
+                runners, info = prepare(name, w_bits, a_bits, args.img_size, args.calib, workdir, print,
+                                        ort_reference=args.ort_reference and family != "resnet")
                 info["prepare_s"] = time.perf_counter() - t
                 info["latency"] = {}
                 for batch in args.batches:

@@ -405,7 +405,7 @@ def load_results(json_path: str = RESULTS_JSON) -> dict[str, Any]:
 
 
 def readme_table(summary: dict[str, Any]) -> str:
-    """Markdown table of the demo JSON (what docs/readme/quickstart.md shows)."""
+    """Markdown table of the demo JSON (what the README's demo section shows)."""
     n = len(summary["seeds"])
 
     def cell(d: dict[str, Any], sign: bool = False) -> str:
