@@ -1,27 +1,4 @@
 #!/usr/bin/env bash
 # Distributed RepQ-ViT + QwT evaluation on NGPUS GPUs (1 works too), run from det_repq_vit/:
 #   bash tools/dist_test.sh CONFIG CHECKPOINT NGPUS --eval bbox segm --w_bits 4 --a_bits 4
-set -euo pipefail
-if [ $# -lt 3 ]; then
-    echo "usage: bash tools/dist_test.sh CONFIG CHECKPOINT NGPUS [test.py options]" >&2
-    exit 2
-fi
-CONFIG=$1
-CHECKPOINT=$2
-GPUS=$3
-shift 3
-NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
-PORT=${PORT:-29500}
-MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-HERE=$(cd "$(dirname "$0")" && pwd)
-PYTHON=${PYTHON:-python}
-export PYTHONPATH="$HERE/../..:${PYTHONPATH:-}"
-if [ "$GPUS" = "1" ] && [ "$NNODES" = "1" ]; then
-    # one process: no launcher needed (and errors are not buried under torchrun's report)
-    exec "$PYTHON" "$HERE/test.py" "$CONFIG" "$CHECKPOINT" "$@"
-fi
-"$PYTHON" -m torch.distributed.run \
-    --nnodes="$NNODES" --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR" \
-    --nproc_per_node="$GPUS" --master_port="$PORT" \
-    "$HERE/test.py" "$CONFIG" "$CHECKPOINT" --launcher pytorch "$@"
+LAUNCHER_NAME=dist_test.sh exec bash "$(dirname "$0")/dist_launch.sh" test.py "$@"

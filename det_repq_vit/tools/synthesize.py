@@ -119,23 +119,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
     from mmdet.registry import MODELS
-    from mmdet.utils import register_all_modules
-    from mmengine.registry import init_default_scope
+    from det_repq_vit.runtime import setup_process
 
     from det_repq_vit.checkpoint import load_detector_checkpoint
     from det_repq_vit.synth import CocoLabelSource, DetectionSynthesizer
-    from qwt_core.distributed import get_rank, get_world_size, init_distributed_from_env, is_dist
+    from qwt_core.distributed import is_dist
     from qwt_core.inversion import synthesize_batches
     from qwt_core.synth_io import SynthManifest, SynthSetError, file_sha256, prepare_folder, state_dict_sha256
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.launcher != "none":
-        init_distributed_from_env(device, args.local_rank)
-    if device.startswith("cuda"):
-        device = f"cuda:{torch.cuda.current_device()}"
-    rank, world = get_rank(), get_world_size()
-    register_all_modules(init_default_scope=False)
-    init_default_scope("mmdet")
+    device, rank, world = setup_process(args.device, args.launcher, args.local_rank)
 
     torch.manual_seed(args.seed)
     model = MODELS.build(cfg.model)

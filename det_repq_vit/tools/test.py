@@ -198,24 +198,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                          "in pretrained_weights/ (see pretrained_weights/README.md).")
 
     import torch
-    from mmdet.utils import register_all_modules
-    from mmengine.registry import init_default_scope
+    from det_repq_vit.runtime import setup_process
 
     from det_repq_vit.checkpoint import load_detector_checkpoint
     from det_repq_vit.data import (CalibrationImages, SyntheticCalibrationImages, check_synthetic_teacher,
                                    check_test_data, list_calibration_images, shard, synthetic_calibration_set)
     from det_repq_vit.evaluate import build_evaluator, build_test_loader, evaluate_detector
     from det_repq_vit.ptq import calibrate_detector_repq, compensate_backbone, quantize_detector
-    from qwt_core.distributed import get_rank, get_world_size, init_distributed_from_env, is_main_process
+    from qwt_core.distributed import is_main_process
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.launcher != "none":
-        init_distributed_from_env(device, args.local_rank)
-    if device.startswith("cuda"):
-        device = f"cuda:{torch.cuda.current_device()}"
-    rank, world = get_rank(), get_world_size()
-    register_all_modules(init_default_scope=False)
-    init_default_scope("mmdet")
+    device, rank, world = setup_process(args.device, args.launcher, args.local_rank)
     check_test_data(cfg)
 
     calib = cfg.qwt_calib

@@ -172,23 +172,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
     import torch
     import torch.distributed as dist
-    from mmdet.utils import register_all_modules
-    from mmengine.registry import init_default_scope
+    from det_repq_vit.runtime import setup_process
 
     from det_repq_vit import zsqat as Z
     from det_repq_vit.data import (SyntheticCalibrationImages, check_synthetic_teacher, check_test_data, shard,
                                    synthetic_calibration_set)
     from det_repq_vit.synth import num_classes_of
-    from qwt_core.distributed import get_rank, get_world_size, init_distributed_from_env, is_dist, is_main_process
+    from qwt_core.distributed import is_dist, is_main_process
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.launcher != "none":
-        init_distributed_from_env(device, args.local_rank)
-    if device.startswith("cuda"):
-        device = f"cuda:{torch.cuda.current_device()}"
-    rank, world = get_rank(), get_world_size()
-    register_all_modules(init_default_scope=False)
-    init_default_scope("mmdet")
+    device, rank, world = setup_process(args.device, args.launcher, args.local_rank)
     zcfg.amp = bool(args.amp and device.startswith("cuda"))
 
     # ---------------------------------------------------------------- checks (nothing written yet)
