@@ -31,3 +31,31 @@ def tiny_resnet() -> nn.Module:
 def images(n: int, size: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 3, size, size, generator=g)
+
+
+@torch.no_grad()
+def block_errors_with_and_without_qwt(qm, model: nn.Module, batches) -> tuple[float, float]:
+    """Sum over batches and blocks of the block-output MSE to FP, without and with the QwT
+    compensation, each block fed the compensated output of the previous one (how the model runs).
+
+    ``qm``: a QuantizedModel after ``compensate``; ``batches``: what ``qm.first_block_input`` takes
+    (a tensor, or a dict with ``"inputs"``)."""
+    from qwt_core import CompensatedBlock, quant_disabled
+
+    err_q = err_c = 0.0
+    for b in batches:
+        x = qm.first_block_input(b["inputs"] if isinstance(b, dict) else b)
+        for i, name in enumerate(qm.block_names):
+            if i > 0 and qm.transition is not None:
+                x = qm.transition(i, x)
+            blk = model.get_submodule(name)
+            inner = blk.block if isinstance(blk, CompensatedBlock) else blk
+            run = qm.run_block or (lambda _i, block, inp: block(inp))
+            y_q = run(i, inner, x)
+            with quant_disabled(inner):
+                y_fp = run(i, inner, x)
+            y_c = run(i, blk, x)
+            err_q += (y_q - y_fp).pow(2).mean().item()
+            err_c += (y_c - y_fp).pow(2).mean().item()
+            x = y_c
+    return err_q, err_c

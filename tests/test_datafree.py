@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cls_helpers import N_CLASSES, TINY, make_image_folder
-from helpers_models import tiny_resnet, tiny_swin, tiny_vit
-from qwt_core import CompensatedBlock, compensate, quant_disabled, quantize_timm_vit
+from helpers_models import block_errors_with_and_without_qwt, tiny_resnet, tiny_swin, tiny_vit
+from qwt_core import compensate, quantize_timm_vit
 from qwt_core.attention import QuantViTAttention, QuantWindowAttention
 from qwt_core.inversion import (BNStatsPrior, InversionConfig, PatchSimilarityPrior, explicit_attention,
                                 init_noise, invert, kde_entropy, lr_at, patch_similarity_entropy,
@@ -439,26 +439,6 @@ def test_cls_cli_rejects_bad_synthetic_sets(cls_synth, cls_data, deit_ckpt, tmp_
         "--model_kwargs", *TINY["deit_small"]])
 
 
-def _block_errors(qm, batches) -> tuple[float, float]:
-    """Sum over blocks of the MSE to FP of the block output, without / with the compensation."""
-    err_q = err_c = 0.0
-    model = qm.model
-    with torch.no_grad():
-        for images in batches:
-            x = qm.first_block_input(images)
-            for i, name in enumerate(qm.block_names):
-                blk = model.get_submodule(name)
-                inner = blk.block if isinstance(blk, CompensatedBlock) else blk
-                y_q = inner(x)
-                with quant_disabled(inner):
-                    y_fp = inner(x)
-                y_c = blk(x)
-                err_q += (y_q - y_fp).pow(2).mean().item()
-                err_c += (y_c - y_fp).pow(2).mean().item()
-                x = y_c
-    return err_q, err_c
-
-
 def test_qwt_lowers_block_error_on_synthetic_images(cls_synth, deit_ckpt):
     from cls_repq_vit.cli import _parse_kwargs
     from cls_repq_vit.models import get_spec
@@ -471,7 +451,7 @@ def test_qwt_lowers_block_error_on_synthetic_images(cls_synth, deit_ckpt):
     calibrate_repq(qm, s.images(range(8)))
     batches = list(s.batches(8))
     compensate(qm, batches, progress=False)
-    err_q, err_c = _block_errors(qm, batches)
+    err_q, err_c = block_errors_with_and_without_qwt(qm, qm.model, batches)
     assert err_c < 0.9 * err_q, (err_c, err_q)
 
 
@@ -764,22 +744,7 @@ def test_det_qwt_lowers_block_error_on_synthetic_set(det_synth, det_setup):
         assert real_meta[key] == syn_meta[key], key
     calibrate_detector_repq(qm, batch)
     compensate_backbone(qm, calib, progress=False)
-    err_q = err_c = 0.0
-    with torch.no_grad():
-        for b in calib:
-            x = qm.first_block_input(b["inputs"])
-            for i, name in enumerate(qm.block_names):
-                if i > 0:
-                    x = qm.transition(i, x)
-                blk = model.get_submodule(name)
-                inner = blk.block if isinstance(blk, CompensatedBlock) else blk
-                y_q = qm.run_block(i, inner, x)
-                with quant_disabled(inner):
-                    y_fp = qm.run_block(i, inner, x)
-                y_c = qm.run_block(i, blk, x)
-                err_q += (y_q - y_fp).pow(2).mean().item()
-                err_c += (y_c - y_fp).pow(2).mean().item()
-                x = y_c
+    err_q, err_c = block_errors_with_and_without_qwt(qm, model, calib)
     assert err_c < 0.9 * err_q, (err_c, err_q)
 
 

@@ -27,7 +27,8 @@ from det_repq_vit.data import CalibrationImages, list_calibration_images  # noqa
 from det_repq_vit.ptq import calibrate_detector_repq, compensate_backbone, quantize_detector  # noqa: E402
 from det_repq_vit.tools import test as det_test  # noqa: E402
 from det_repq_vit.tools import convert_checkpoint  # noqa: E402
-from qwt_core import CompensatedBlock, quant_disabled, set_quant_state  # noqa: E402
+from qwt_core import set_quant_state  # noqa: E402
+from helpers_models import block_errors_with_and_without_qwt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "det_repq_vit" / "configs" / "swin"
@@ -282,22 +283,7 @@ def test_qwt_reduces_backbone_block_error(tiny_config, legacy_checkpoint):
     report = compensate_backbone(qm, calib, progress=False)
     assert len(report.blocks) == 8 and any(b.applied for b in report.blocks)
 
-    err_q = err_c = 0.0
-    with torch.no_grad():
-        for batch in calib:
-            x = qm.first_block_input(batch["inputs"])
-            for i, name in enumerate(qm.block_names):
-                if i > 0:
-                    x = qm.transition(i, x)
-                blk = model.get_submodule(name)
-                inner = blk.block if isinstance(blk, CompensatedBlock) else blk
-                y_q = qm.run_block(i, inner, x)
-                with quant_disabled(inner):
-                    y_fp = qm.run_block(i, inner, x)
-                y_c = qm.run_block(i, blk, x)
-                err_q += (y_q - y_fp).pow(2).mean().item()
-                err_c += (y_c - y_fp).pow(2).mean().item()
-                x = y_c
+    err_q, err_c = block_errors_with_and_without_qwt(qm, model, calib)
     assert err_c < 0.9 * err_q, (err_c, err_q)
 
 
