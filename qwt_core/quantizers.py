@@ -89,15 +89,49 @@ def _tail_topk(x: torch.Tensor, k: int, dim: int, largest: bool) -> torch.Tensor
     tops = torch.topk(body, c, dim=1, largest=largest, sorted=False).values  # (P, c)
     edge = tops.amin(dim=1) if largest else tops.amax(dim=1)  # each piece's c-th extreme value
     whole = beyond(edge)  # such a piece may hold more than c values beyond t: keep all of it
-    candidates = torch.cat([tops[~whole].reshape(-1), body[whole].reshape(-1),
-                            flat[PREFILTER_ROWS * length:]])
-    if int(beyond(candidates).sum()) < k:  # the sample was unlucky: no shortcut
-        values = torch.topk(flat, k, largest=largest, sorted=True).values
+    rest = flat[PREFILTER_ROWS * length:]
+    if int(whole.sum()) * 4 > PREFILTER_ROWS and not bool(torch.isnan(t)):
+        # many pieces tie with t (e.g. the zeros after a ReLU): only values strictly beyond t
+        # need sorting, the remaining places are copies of t itself
+        values = _tail_with_ties(flat, body, tops, edge, rest, t, k, largest)
     else:
-        values = torch.topk(candidates, k, largest=largest, sorted=True).values
+        candidates = torch.cat([tops[~whole].reshape(-1), body[whole].reshape(-1), rest])
+        values = None
+        if int(beyond(candidates).sum()) >= k:
+            values = torch.topk(candidates, k, largest=largest, sorted=True).values
+    if values is None:  # the sample was unlucky: no shortcut
+        values = torch.topk(flat, k, largest=largest, sorted=True).values
     shape = list(x.shape)
     shape[dim] = k
     return values.reshape(shape)
+
+
+def _tail_with_ties(flat: torch.Tensor, body: torch.Tensor, tops: torch.Tensor, edge: torch.Tensor,
+                    rest: torch.Tensor, t: torch.Tensor, k: int, largest: bool) -> Optional[torch.Tensor]:
+    """The ``k`` extreme values of ``flat`` when many values equal the threshold ``t``.
+
+    ``body``: ``flat`` cut into pieces ``(P, L)``, ``tops`` their ``c`` extreme values ``(P, c)``,
+    ``edge`` each piece's ``c``-th extreme value, ``rest`` the values after the pieces. A piece whose
+    ``c``-th extreme value is not strictly beyond ``t`` holds all its strictly-beyond values in its
+    ``tops``; so the strictly-beyond values of the row are all among the candidates. If fewer than
+    ``k``, the sorted result is those values followed by copies of ``t`` (equal values: the same
+    result as ``topk``), provided the row holds enough values equal to ``t``. Returns None when the
+    shortcut does not apply (NaNs in the row, too few values at or beyond ``t``).
+    """
+    def strictly(v: torch.Tensor) -> torch.Tensor:
+        return torch.gt(v, t) if largest else torch.lt(v, t)
+
+    if bool(torch.isnan(flat).any()):  # NaNs sort as largest: leave them to topk
+        return None
+    whole = strictly(edge)
+    candidates = torch.cat([tops[~whole].reshape(-1), body[whole].reshape(-1), rest])
+    n_strict = int(strictly(candidates).sum())
+    if n_strict >= k:
+        return torch.topk(candidates, k, largest=largest, sorted=True).values
+    if n_strict + int(torch.eq(flat, t).sum()) < k:
+        return None
+    head = torch.topk(candidates, n_strict, largest=largest, sorted=True).values
+    return torch.cat([head, t.reshape(1).expand(k - n_strict)])
 
 
 def _quantile_rank(q: float, n: int, dtype: torch.dtype) -> tuple[int, int, float]:

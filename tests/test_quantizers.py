@@ -242,13 +242,22 @@ def test_prefiltered_topk_of_one_huge_row_is_exact():
     clustered[1000:3000] += 50.0  # all extreme values in one piece of the row (a "massive token")
     with_nan = normal.clone()
     with_nan[[7, 70000, n - 1]] = float("nan")
+    relu = torch.relu(normal)  # half the row is 0: the lower tail is all ties (tie shortcut)
+    relu_neg0 = relu.clone()
+    relu_neg0[::3] = torch.where(relu_neg0[::3] == 0, torch.tensor(-0.0), relu_neg0[::3])
+    few_zeros = normal.clone()
+    few_zeros[normal.abs() < 1.0] = -4.0  # 68 % tie at the lower tail's edge, some values below
+    few_zeros[:5] = -9.0
+    relu_nan = relu.clone()
+    relu_nan[123] = float("nan")
     for name, x in (("normal", normal), ("cauchy", cauchy), ("ties", ties),
-                    ("clustered", clustered), ("nan", with_nan)):
+                    ("clustered", clustered), ("nan", with_nan), ("relu", relu), ("relu_neg0", relu_neg0),
+                    ("few_below_ties", few_zeros), ("relu_nan", relu_nan), ("relu_top", -relu)):
         for k in (n // 1000 + 2, 3, 263):
             for largest in (True, False):
                 ours = _tail_topk(x[None], k, 1, largest)
                 ref = torch.topk(x[None], k, 1, largest=largest).values
                 assert torch.equal(ours.nan_to_num(123.0), ref.nan_to_num(123.0)), (name, k, largest)
-        if name != "nan":
+        if "nan" not in name:
             for q in QS:
                 assert torch.equal(exact_quantile(x, q, dim=0), _kthvalue_quantile(x, q, 0)), (name, q)

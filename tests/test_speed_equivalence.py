@@ -53,7 +53,7 @@ def _assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
         assert torch.equal(sa[k], sb[k]), k
 
 
-@pytest.mark.parametrize("kind", ["vit", "swin"])  # ResNet's quantizers are the same classes
+@pytest.mark.parametrize("kind", ["vit", "swin", "resnet"])  # ResNet: post-ReLU ties at 0
 def test_topk_calibration_equals_kthvalue_reference(kind, monkeypatch):
     # a low prefilter threshold so that the small models also take the single-row shortcut
     monkeypatch.setattr(qz, "PREFILTER_MIN_N", 2048)
