@@ -18,6 +18,20 @@ from torch import nn
 from .modules import QuantMatMul
 
 
+def mask_scores(scores: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool) -> torch.Tensor:
+    """Attention scores ``(B, H, N, N)`` with ``F.scaled_dot_product_attention``'s masks applied.
+
+    ``is_causal``: -inf above the diagonal; ``attn_mask``: bool (False → -inf) or additive float."""
+    if is_causal:
+        n = scores.shape[-1]
+        causal = torch.ones(n, n, dtype=torch.bool, device=scores.device).triu(1)
+        scores = scores.masked_fill(causal, float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool \
+            else scores + attn_mask
+    return scores
+
+
 class QuantViTAttention(nn.Module):
     """Drop-in for ``timm.layers.Attention`` (x: ``(B, N, C)`` → ``(B, N, C)``)."""
 
@@ -48,13 +62,7 @@ class QuantViTAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
             out = out.transpose(1, 2).reshape(b, n, self.attn_dim)
             return self.proj_drop(self.proj(self.norm(out)))
-        attn = self.matmul1(q * self.scale, k.transpose(-2, -1))
-        if is_causal:
-            causal = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)
-            attn = attn.masked_fill(causal, float("-inf"))
-        if attn_mask is not None:
-            attn = attn.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool \
-                else attn + attn_mask
+        attn = mask_scores(self.matmul1(q * self.scale, k.transpose(-2, -1)), attn_mask, is_causal)
         attn = self.attn_drop(attn.softmax(dim=-1))
         out = self.matmul2(attn, v)
         out = out.transpose(1, 2).reshape(b, n, self.attn_dim)

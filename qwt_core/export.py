@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import QuantViTAttention, QuantWindowAttention
+from .attention import QuantViTAttention, QuantWindowAttention, mask_scores
 from .compensation import CompensatedBlock
 from .modules import QuantConv2d, QuantLayerMixin, QuantLinear, QuantMatMul
 from .quantizers import (LogSqrt2Quantizer, UniformQuantizer, _LazyQuantizer, log_sqrt2_fake_quant)
@@ -469,13 +469,7 @@ class _ExportViTAttention(QuantViTAttention):
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        scores = self.matmul1(q * self.scale, k.transpose(-2, -1))
-        if is_causal:
-            causal = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)
-            scores = scores.masked_fill(causal, float("-inf"))
-        if attn_mask is not None:
-            scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool \
-                else scores + attn_mask
+        scores = mask_scores(self.matmul1(q * self.scale, k.transpose(-2, -1)), attn_mask, is_causal)
         attn = self.attn_drop(lq.from_logits(scores))
         qb = self.matmul2.qb
         out = attn @ (qb(v) if qb is not None else v)
@@ -615,42 +609,47 @@ def _weight(name: str, layer: nn.Module) -> tuple[Optional[torch.Tensor], Option
     return ints, scale, (ints.float() * scale.reshape([-1] + [1] * (ints.dim() - 1)))
 
 
-def _plan_linear(name, layer, round_zp, weight_dtype) -> tuple[nn.Module, LayerPlan]:
+def _plan_start(name: str, layer: nn.Module, kind: str, round_zp: bool):
+    """What a Linear and a Conv plan share: input spec, weight integers, the plan with the reason
+    when either side is not quantized, and the rounded zero point. Returns
+    ``(act, ints, scale, w_float, plan)``; ``act``/``ints`` None when not quantized."""
     act = _input_act(name, layer, round_zp)
     ints, scale, w_float = _weight(name, layer)
-    plan = LayerPlan(name, "linear", layer.weight_quantizer.n_bits if ints is not None else None,
+    plan = LayerPlan(name, kind, layer.weight_quantizer.n_bits if ints is not None else None,
                      act.n_bits if act is not None else None, False, None)
-    storage = None
     if act is None:
         plan.reason = "input not quantized"
     elif ints is None:
         plan.reason = "weight not quantized"
-    else:
+    if act is not None and act.rounded:
+        plan.zero_point_rounded = f"{act.z:.4f} -> {round(act.z)}"
+    return act, ints, scale, w_float, plan
+
+
+def _build(name: str, make: Callable[[], nn.Module]) -> nn.Module:
+    """``make()``, with the layer name put in front of an ``ExportError``."""
+    try:
+        return make()
+    except ExportError as exc:
+        raise ExportError(f"{name}: {exc}") from None
+
+
+def _plan_linear(name, layer, round_zp, weight_dtype) -> tuple[nn.Module, LayerPlan]:
+    act, ints, scale, w_float, plan = _plan_start(name, layer, "linear", round_zp)
+    storage = None
+    if act is not None and ints is not None:
         storage = linear_weight_storage(ints, weight_dtype)
         if storage is None:
             plan.reason = f"weight integers do not fit {weight_dtype} storage"
     if storage is not None:
         plan.integer, plan.weight_dtype = True, str(storage[0]).replace("torch.", "")
-    if act is not None and act.rounded:
-        plan.zero_point_rounded = f"{act.z:.4f} -> {round(act.z)}"
-    try:
-        mod = _ExportLinear(layer, act, ints, scale, storage, w_float)
-    except ExportError as exc:
-        raise ExportError(f"{name}: {exc}") from None
-    return mod, plan
+    return _build(name, lambda: _ExportLinear(layer, act, ints, scale, storage, w_float)), plan
 
 
 def _plan_conv(name, layer, round_zp, weight_dtype) -> tuple[nn.Module, LayerPlan]:
-    act = _input_act(name, layer, round_zp)
-    ints, scale, w_float = _weight(name, layer)
-    plan = LayerPlan(name, "conv", layer.weight_quantizer.n_bits if ints is not None else None,
-                     act.n_bits if act is not None else None, False, None)
+    act, ints, scale, w_float, plan = _plan_start(name, layer, "conv", round_zp)
     dtype = None
-    if act is None:
-        plan.reason = "input not quantized"
-    elif ints is None:
-        plan.reason = "weight not quantized"
-    else:
+    if act is not None and ints is not None:
         dtype = conv_weight_storage(ints, weight_dtype)
         if dtype is None:
             bound = SAFE_INT8 if weight_dtype == "auto" else 127
@@ -659,13 +658,7 @@ def _plan_conv(name, layer, round_zp, weight_dtype) -> tuple[nn.Module, LayerPla
                            "exact int8 form")
     if dtype is not None:
         plan.integer, plan.weight_dtype = True, "int8"
-    if act is not None and act.rounded:
-        plan.zero_point_rounded = f"{act.z:.4f} -> {round(act.z)}"
-    try:
-        mod = _ExportConv(layer, act, ints, scale, dtype, w_float)
-    except ExportError as exc:
-        raise ExportError(f"{name}: {exc}") from None
-    return mod, plan
+    return _build(name, lambda: _ExportConv(layer, act, ints, scale, dtype, w_float)), plan
 
 
 def _matmul_operand(name: str, layer: QuantMatMul, quant: _LazyQuantizer, round_zp: bool):

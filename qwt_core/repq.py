@@ -22,7 +22,7 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 from torch import nn
 
-from .modules import QuantLinear, quantizers, set_quant_state
+from .modules import QuantConv2d, QuantLinear, quantizers, set_quant_state
 from .quantizers import UniformQuantizer
 from .reparam import reparameterize_layernorm
 
@@ -124,8 +124,6 @@ def refit_weight_quantizers(model: nn.Module) -> int:
     quantizer on ``self.weight``; a weight quantizer never sees activations), without running the
     model. Returns how many were initialised.
     """
-    from .modules import QuantConv2d
-
     n = 0
     for m in model.modules():
         if isinstance(m, (QuantLinear, QuantConv2d)) and m.use_weight_quant:
