@@ -1,4 +1,6 @@
 """Tiny random-init models of the real timm architectures, shared by the core tests."""
+import math
+
 import timm
 import torch
 from torch import nn
@@ -15,10 +17,10 @@ def tiny_swin() -> nn.Module:
                              embed_dim=24, depths=(2, 2), num_heads=(2, 4), num_classes=10).eval()
 
 
-def tiny_resnet() -> nn.Module:
-    model = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
-    # timm zero-initialises the last BN of each block; give all BNs non-trivial statistics.
-    g = torch.Generator().manual_seed(1)
+def randomize_batchnorms(model: nn.Module, seed: int = 1) -> nn.Module:
+    """Give every BatchNorm2d non-trivial affine parameters and statistics (timm zero-initialises
+    the last BN of each residual block); returns ``model``."""
+    g = torch.Generator().manual_seed(seed)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.weight.data = 0.5 + torch.rand(m.num_features, generator=g)
@@ -26,6 +28,22 @@ def tiny_resnet() -> nn.Module:
             m.running_mean = 0.1 * torch.randn(m.num_features, generator=g)
             m.running_var = 0.5 + torch.rand(m.num_features, generator=g)
     return model
+
+
+def tiny_resnet() -> nn.Module:
+    return randomize_batchnorms(timm.create_model("resnet18", pretrained=False, num_classes=10).eval())
+
+
+def kthvalue_quantile(x: torch.Tensor, q: float, dim: int) -> torch.Tensor:
+    """The former ``exact_quantile`` (two kthvalue calls per quantile), kept verbatim as the
+    reference of the topk implementation."""
+    n = x.shape[dim]
+    rank = float(torch.tensor(q, dtype=x.dtype)) * (n - 1)
+    lo_idx, hi_idx = math.floor(rank), math.ceil(rank)
+    weight = torch.tensor(rank - lo_idx, dtype=x.dtype, device=x.device)
+    lo = torch.kthvalue(x, lo_idx + 1, dim=dim).values
+    hi = lo if hi_idx == lo_idx else torch.kthvalue(x, hi_idx + 1, dim=dim).values
+    return torch.lerp(lo, hi, weight)
 
 
 def images(n: int, size: int, seed: int = 0) -> torch.Tensor:

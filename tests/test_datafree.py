@@ -527,33 +527,6 @@ def _need_mmdet() -> None:
         pytest.skip(f"mmcv with ops is not importable ({err})")
 
 
-def _make_tiny_coco(root: Path) -> Path:
-    """COCO-format folder: 4 val and 8 train images with 2-3 objects (boxes + polygons) each."""
-    from test_detection import CATEGORIES, _polygon, _write_image
-
-    rng = np.random.default_rng(0)
-    (root / "annotations").mkdir(parents=True)
-    for split, n in (("val2017", 4), ("train2017", 8)):
-        (root / split).mkdir()
-        images, anns = [], []
-        for i in range(n):
-            h, w = (96, 128) if i % 2 == 0 else (112, 80)
-            shapes = []
-            for k, cat in enumerate((1, 2, 3)[: 2 + i % 2]):
-                x0, y0 = int(rng.integers(2, w // 2)), int(rng.integers(2, h // 2))
-                shapes.append((cat, (x0, y0, min(w - 2, x0 + 14 + 6 * k), min(h - 2, y0 + 16 + 5 * k))))
-            name = f"{i:012d}.jpg"
-            _write_image(root / split / name, h, w, rng, shapes)
-            images.append({"id": i + 1, "file_name": name, "height": h, "width": w})
-            for cat, (x0, y0, x1, y1) in shapes:
-                anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": cat,
-                             "bbox": [x0, y0, x1 - x0, y1 - y0], "iscrowd": 0, "area": float((x1 - x0) * (y1 - y0)),
-                             "segmentation": [_polygon(cat, (x0, y0, x1, y1))]})
-        (root / "annotations" / f"instances_{split}.json").write_text(
-            json.dumps({"images": images, "annotations": anns, "categories": CATEGORIES}))
-    return root
-
-
 @pytest.fixture(scope="module")
 def det_setup(tmp_path_factory):
     """Tiny Swin Mask R-CNN config (tests/test_detection.py's) with COCO train labels, a random
@@ -564,11 +537,11 @@ def det_setup(tmp_path_factory):
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
 
-    from test_detection import _tiny_config_text
+    from test_detection import _tiny_config_text, make_tiny_coco
 
     register_all_modules(init_default_scope=False)
     init_default_scope("mmdet")
-    coco = _make_tiny_coco(tmp_path_factory.mktemp("coco") / "coco")
+    coco = make_tiny_coco(tmp_path_factory.mktemp("coco") / "coco")
     # fewer proposals / sampled RoIs in the training loss: the RoI heads dominate at these sizes
     text = _tiny_config_text(coco).replace("model = dict(\n", "model = dict(\n    train_cfg=dict("
                                            "rpn_proposal=dict(nms_pre=200, max_per_img=100), "

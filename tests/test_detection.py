@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -72,12 +73,11 @@ def _polygon(cat: int, box: tuple) -> list[float]:
     return [x0, y0, x1, y0, x1, y1, x0, y1]
 
 
-@pytest.fixture(scope="module")
-def coco_dir(tmp_path_factory) -> Path:
-    """tmp COCO: 4 val images (with boxes + polygons, 3 categories) and 8 train images."""
-    root = tmp_path_factory.mktemp("coco")
+def make_tiny_coco(root: Path, area_scale: Optional[dict[int, float]] = None) -> Path:
+    """COCO-format folder at ``root``: 4 val and 8 train images with 2-3 objects (boxes + polygons)
+    each, 3 categories. ``area_scale``: category → factor on the annotated ``area``."""
     rng = np.random.default_rng(0)
-    (root / "annotations").mkdir()
+    (root / "annotations").mkdir(parents=True)
     for split, n in (("val2017", 4), ("train2017", 8)):
         (root / split).mkdir()
         images, anns = [], []
@@ -94,11 +94,17 @@ def coco_dir(tmp_path_factory) -> Path:
             for cat, (x0, y0, x1, y1) in shapes:
                 anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": cat,
                              "bbox": [x0, y0, x1 - x0, y1 - y0], "iscrowd": 0,
-                             "area": float((x1 - x0) * (y1 - y0)) * (0.5 if cat == 2 else 1.0),
+                             "area": float((x1 - x0) * (y1 - y0)) * (area_scale or {}).get(cat, 1.0),
                              "segmentation": [_polygon(cat, (x0, y0, x1, y1))]})
         data = {"images": images, "annotations": anns, "categories": CATEGORIES}
         (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
     return root
+
+
+@pytest.fixture(scope="module")
+def coco_dir(tmp_path_factory) -> Path:
+    """tmp COCO: 4 val images (with boxes + polygons, 3 categories) and 8 train images."""
+    return make_tiny_coco(tmp_path_factory.mktemp("coco"), area_scale={2: 0.5})
 
 
 def _tiny_config_text(coco: Path, ann_file: str = "annotations/instances_val2017.json",

@@ -117,18 +117,8 @@ def test_bad_bit_width(bad):
 
 
 # ------------------------------------------------------------------ topk quantiles == kthvalue
+from helpers_models import kthvalue_quantile  # noqa: E402
 from qwt_core.quantizers import exact_quantiles  # noqa: E402
-
-
-def _kthvalue_quantile(x: torch.Tensor, q: float, dim: int) -> torch.Tensor:
-    """The previous ``exact_quantile`` (two kthvalue calls), kept verbatim as the reference."""
-    n = x.shape[dim]
-    rank = float(torch.tensor(q, dtype=x.dtype)) * (n - 1)
-    lo_idx, hi_idx = math.floor(rank), math.ceil(rank)
-    weight = torch.tensor(rank - lo_idx, dtype=x.dtype, device=x.device)
-    lo = torch.kthvalue(x, lo_idx + 1, dim=dim).values
-    hi = lo if hi_idx == lo_idx else torch.kthvalue(x, hi_idx + 1, dim=dim).values
-    return torch.lerp(lo, hi, weight)
 
 
 def _heavy_tailed_data(seed: int) -> dict[str, torch.Tensor]:
@@ -154,7 +144,7 @@ def test_topk_quantiles_bit_identical_to_kthvalue(dist, dtype):
         for data, dim in ((x, 1), (x.reshape(-1), 0), (x.T.contiguous(), 0)):
             ours = exact_quantiles(data, QS, dim=dim, method=method)
             for q, value in zip(QS, ours):
-                ref = _kthvalue_quantile(data, q, dim)
+                ref = kthvalue_quantile(data, q, dim)
                 assert torch.equal(value, ref), (dist, method, q, dim)
                 assert torch.equal(exact_quantile(data, q, dim=dim, method="kthvalue"), ref)
                 assert torch.equal(exact_quantile(data, q, dim=dim, method=method), ref)
@@ -166,7 +156,7 @@ def test_topk_quantiles_tiny_and_odd_sizes(n):
     x = torch.cat([torch.randn(3, n, generator=g), torch.zeros(1, n),  # a constant row
                    torch.randint(0, 2, (1, n), generator=g).float()])  # only two values
     for q in QS:
-        ref = _kthvalue_quantile(x, q, 1)
+        ref = kthvalue_quantile(x, q, 1)
         assert torch.equal(exact_quantile(x, q, dim=1, method="topk"), ref), (n, q)
         assert torch.equal(exact_quantile(x, q, dim=1), ref), (n, q)
         assert torch.allclose(ref, torch.quantile(x, q, dim=1), rtol=0, atol=5e-5)
@@ -194,7 +184,7 @@ def test_quantizer_init_unchanged_by_topk(monkeypatch):
 
     fast = calibrate()
     monkeypatch.setattr(qz, "exact_quantiles",  # the previous per-quantile kthvalue code
-                        lambda x, qs, dim=-1, method="auto": [_kthvalue_quantile(x, q, dim) for q in qs])
+                        lambda x, qs, dim=-1, method="auto": [kthvalue_quantile(x, q, dim) for q in qs])
     slow = calibrate()
     assert len(fast) == len(slow)
     for a, b in zip(fast, slow):
@@ -260,4 +250,4 @@ def test_prefiltered_topk_of_one_huge_row_is_exact():
                 assert torch.equal(ours.nan_to_num(123.0), ref.nan_to_num(123.0)), (name, k, largest)
         if "nan" not in name:
             for q in QS:
-                assert torch.equal(exact_quantile(x, q, dim=0), _kthvalue_quantile(x, q, 0)), (name, q)
+                assert torch.equal(exact_quantile(x, q, dim=0), kthvalue_quantile(x, q, 0)), (name, q)

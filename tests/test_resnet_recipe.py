@@ -14,7 +14,7 @@ from torch import nn
 
 from cls_helpers import base_argv, make_image_folder
 from cls_repq_vit import cli
-from helpers_models import images
+from helpers_models import images, randomize_batchnorms
 from qwt_core import (CompensatedBlock, UniformQuantizer, calibrate_repq, compensate, load_quantized,
                       quantize_resnet, save_quantized, set_quant_state)
 from qwt_core.adapters.timm_resnet import PUBLISHED_QWT_KWARGS, fold_all_batchnorms
@@ -30,15 +30,7 @@ SMALL = {"num_classes": 10, "channels": (128, 64, 32, 32), "zero_init_last": Fal
 def small_resnet() -> nn.Module:
     """Random-init narrow timm resnet18 with non-trivial BatchNorm statistics (eval mode)."""
     import timm
-    model = timm.create_model("resnet18", pretrained=False, **SMALL).eval()
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.weight.data = 0.5 + torch.rand(m.num_features, generator=g)
-            m.bias.data = 0.1 * torch.randn(m.num_features, generator=g)
-            m.running_mean = 0.1 * torch.randn(m.num_features, generator=g)
-            m.running_var = 0.5 + torch.rand(m.num_features, generator=g)
-    return model
+    return randomize_batchnorms(timm.create_model("resnet18", pretrained=False, **SMALL).eval())
 
 
 def _quant_layers(model):

@@ -7,7 +7,6 @@
 * ``torch.compile``-fused fake quantization == eager fake quantization, bit for bit.
 """
 import copy
-import math
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import qwt_core
 import qwt_core.quantizers as qz
 from qwt_core.modules import QuantConv2d, QuantLinear, quantizers
-from tests.helpers_models import images, tiny_resnet, tiny_swin, tiny_vit
+from tests.helpers_models import images, kthvalue_quantile, tiny_resnet, tiny_swin, tiny_vit
 
 ADAPTERS = {"vit": (tiny_vit, qwt_core.quantize_timm_vit, 32),
             "swin": (tiny_swin, qwt_core.quantize_timm_swin, 56),
@@ -25,16 +24,7 @@ ADAPTERS = {"vit": (tiny_vit, qwt_core.quantize_timm_vit, 32),
 
 def _kthvalue_quantiles(x, qs, dim=-1, method="auto"):
     """The previous implementation: two kthvalue calls per quantile."""
-    out = []
-    for q in qs:
-        n = x.shape[dim]
-        rank = float(torch.tensor(q, dtype=x.dtype)) * (n - 1)
-        lo_idx, hi_idx = math.floor(rank), math.ceil(rank)
-        weight = torch.tensor(rank - lo_idx, dtype=x.dtype, device=x.device)
-        lo = torch.kthvalue(x, lo_idx + 1, dim=dim).values
-        hi = lo if hi_idx == lo_idx else torch.kthvalue(x, hi_idx + 1, dim=dim).values
-        out.append(torch.lerp(lo, hi, weight))
-    return out
+    return [kthvalue_quantile(x, q, dim) for q in qs]
 
 
 def _calibrated(kind: str, n_images: int = 4, bits: int = 4):
