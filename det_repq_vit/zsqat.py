@@ -11,9 +11,14 @@
 * training: :func:`train_epoch` (AdamW, linear warm-up, optional AMP, gradients averaged over ranks
   by hand, so every rank holds the same parameters) and the checkpoint helpers.
 
-Distributed runs: every rank builds the same student, the LSQ steps are initialised from rank 0's
-first batch and every parameter / buffer is broadcast from rank 0 (:func:`broadcast_module`); the
-original initialises the steps separately on each rank (a defect of the released code).
+Distributed runs compute what one process computes on the global batch: rank ``r`` of ``w`` takes
+the ``r``-th slice of every global batch (:class:`SyntheticDetectionData`), the activation
+quantizers know the batch is split (:func:`qwt_core.lsq.set_data_shards`: LSQ init statistics are
+all-reduced, the gradient scale counts the whole batch), the distillation losses are per-image means
+and gradients are averaged over ranks. Every parameter / buffer is also broadcast from rank 0 after
+the student is built (:func:`broadcast_module`). The original initialises the steps separately on
+each rank from its own images (a defect of the released code). Not equal across world sizes: mmdet's
+detection loss (random proposal sampling, per-process normalisation), the same as for any mmdet run.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qwt_core.distill import BlockOutputRecorder, block_mse, flatten_concat, kl_distill
-from qwt_core.distributed import get_rank, get_world_size, is_dist, rank_slice
+from qwt_core.distributed import average_gradients, get_rank, get_world_size, is_dist  # noqa: F401 (re-export)
 from qwt_core.lsq import LSQQuantizer, learnable_step_parameters
 from qwt_core.model_io import atomic_torch_save
 from qwt_core.quantize import LayerBits, quantize_layers
@@ -182,29 +187,32 @@ def check_synthetic_labels(synth: Any, num_classes: int) -> None:
 class SyntheticDetectionData:
     """Training batches of a labelled synthetic detection set.
 
-    Rank ``r`` of ``w`` owns the fixed contiguous share ``rank_slice(N - N % w, r, w)`` (equal sizes)
-    and visits it in a new seeded order every epoch. A batch is ``{"inputs": (B, 3, S, S) float
-    (already normalised, as stored), "data_samples": [DetDataSample with gt_instances]}``. Items are
-    cached in memory after their first read (this rank's share only).
+    Every epoch visits all ``N`` images in a new seeded order, cut into global batches of
+    ``world_size · batch_size`` images (the last partial one dropped); rank ``r`` takes the ``r``-th
+    slice of each, so ``w`` processes on ``B`` images see exactly the batches one process sees on
+    ``w·B``. A batch is ``{"inputs": (B, 3, S, S) float (already normalised, as stored),
+    "data_samples": [DetDataSample with gt_instances]}``. Items are cached in memory after their
+    first read (the ones this rank used).
     """
 
     def __init__(self, synth: Any, rank: int = 0, world_size: int = 1) -> None:
-        n = len(synth) - len(synth) % world_size
-        if n < world_size:
+        if len(synth) < world_size:
             raise ZsqatError(f"error: {synth.folder} has {len(synth)} images, fewer than the {world_size} processes")
         self.synth = synth
-        self.indices = list(range(n))[rank_slice(n, rank, world_size)]
+        self.rank, self.world_size = rank, world_size
         self._cache: dict[int, dict[str, Any]] = {}
 
     def epoch_batches(self, epoch: int, seed: int, batch_size: int,
                       max_iters: Optional[int] = None) -> list[list[int]]:
-        """This rank's batches (image indices) of ``epoch`` (1-based), last partial batch dropped."""
+        """This rank's batches (image indices) of ``epoch`` (1-based): its slice of every global batch."""
+        n, glob = len(self.synth), batch_size * self.world_size
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        order = [self.indices[j] for j in torch.randperm(len(self.indices), generator=g).tolist()]
-        batches = [order[s:s + batch_size] for s in range(0, len(order) - batch_size + 1, batch_size)]
+        order = torch.randperm(n, generator=g).tolist()
+        lo = self.rank * batch_size
+        batches = [order[s + lo:s + lo + batch_size] for s in range(0, n - glob + 1, glob)]
         if not batches:
-            raise ZsqatError(f"error: batch size {batch_size} is larger than this process's "
-                             f"{len(self.indices)} synthetic images")
+            raise ZsqatError(f"error: the global batch ({self.world_size} processes x {batch_size}) is larger "
+                             f"than the {n} synthetic images: lower --batch-size")
         return batches[:max_iters] if max_iters else batches
 
     def _item(self, i: int) -> dict[str, Any]:
@@ -345,24 +353,6 @@ def warmup_factor(it: int, warmup_iters: int, ratio: float) -> float:
 def build_scheduler(opt: torch.optim.Optimizer, cfg: ZsqatConfig) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(
         opt, lambda it: warmup_factor(it, cfg.warmup_iters, cfg.warmup_ratio))
-
-
-def average_gradients(params: Sequence[torch.Tensor]) -> None:
-    """Missing gradients become zeros (as DDP does for unused parameters), then every gradient is
-    averaged over ranks in one all-reduce (no-op alone, besides the zeros)."""
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    if not is_dist() or not params:
-        return
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
-    dist.all_reduce(flat)
-    flat /= get_world_size()
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
-        offset += n
 
 
 def seed_epoch(seed: int, epoch: int, rank: int) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -50,6 +51,31 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if is_dist():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """In-place element-wise maximum across ranks (no-op when not distributed); returns ``t``."""
+    if is_dist():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def average_gradients(params: Sequence[torch.Tensor]) -> None:
+    """Missing gradients become zeros (as DDP does for unused parameters), then every gradient is
+    averaged over ranks in one flat all-reduce (no-op alone, besides the zeros)."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    if not is_dist() or not params:
+        return
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    flat /= get_world_size()
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+        offset += n
 
 
 class ShardSampler(Sampler[int]):

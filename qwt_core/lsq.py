@@ -19,10 +19,12 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .distributed import all_reduce_max, all_reduce_sum, get_world_size
 from .quantizers import LogSqrt2Quantizer, UniformQuantizer, log_sqrt2_fake_quant, validate_bits
 
 __all__ = ["round_ste", "grad_scale", "LSQQuantizer", "AsymmetricLSQQuantizer",
-           "LearnableUniformQuantizer", "SteLogSqrt2Quantizer", "make_steps_learnable", "learnable_step_parameters"]
+           "LearnableUniformQuantizer", "SteLogSqrt2Quantizer", "make_steps_learnable", "learnable_step_parameters",
+           "set_data_shards"]
 
 
 class _RoundSTE(torch.autograd.Function):
@@ -70,7 +72,14 @@ class LSQQuantizer(nn.Module):
     The step ``s`` (parameter ``step``) is initialised on the first tensor seen to
     ``2·mean|x|/√Q_P`` (or explicitly with :meth:`initialize`); its gradient is scaled by
     ``g = 1/√(n·Q_P)``, ``n = x.numel()``.
+
+    Data-parallel training: set ``data_shards`` (attribute, not saved; see :func:`set_data_shards`)
+    to the number of processes that each hold a slice of the batch this quantizer sees. Then ``n``
+    counts the whole batch (``x.numel()·data_shards``) and the init statistic is all-reduced, so
+    ``w`` processes on ``B`` images each compute what one process computes on ``w·B`` images.
     """
+
+    data_shards: int = 1
 
     def __init__(self, n_bits: int, signed: bool = True) -> None:
         super().__init__()
@@ -97,8 +106,17 @@ class LSQQuantizer(nn.Module):
                 None if off is None else (off.data_ptr(), off._version))
 
     def init_step(self, x: torch.Tensor) -> torch.Tensor:
-        """LSQ's initial step ``2·mean|x|/√Q_P`` (scalar tensor)."""
-        return 2.0 * x.detach().abs().mean() / math.sqrt(self.q_p)
+        """LSQ's initial step ``2·mean|x|/√Q_P`` (scalar tensor; the mean over every shard's ``x``
+        when ``data_shards > 1``)."""
+        x = x.detach()
+        if self.data_shards > 1:
+            stats = torch.stack([x.abs().sum(dtype=torch.float64),
+                                 torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device)])
+            all_reduce_sum(stats)
+            mean = (stats[0] / stats[1]).to(x.dtype)
+        else:
+            mean = x.abs().mean()
+        return 2.0 * mean / math.sqrt(self.q_p)
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
@@ -107,8 +125,8 @@ class LSQQuantizer(nn.Module):
         self.inited.fill_(True)
 
     def grad_scale_factor(self, x: torch.Tensor) -> float:
-        """``g = 1/√(n·Q_P)`` for input ``x``."""
-        return 1.0 / math.sqrt(x.numel() * self.q_p)
+        """``g = 1/√(n·Q_P)`` for input ``x`` (``n`` = elements of the whole, possibly sharded, batch)."""
+        return 1.0 / math.sqrt(x.numel() * self.data_shards * self.q_p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not bool(self.inited):
@@ -132,6 +150,10 @@ class AsymmetricLSQQuantizer(LSQQuantizer):
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
         lo, hi = x.detach().min(), x.detach().max()
+        if self.data_shards > 1:  # the range of every shard's x
+            ext = torch.stack([-lo, hi])
+            all_reduce_max(ext)
+            lo, hi = -ext[0], ext[1]
         self.step.copy_(((hi - lo) / self.q_p).clamp(min=1e-8))
         self.offset.copy_(lo)
         self.inited.fill_(True)
@@ -150,7 +172,8 @@ class LearnableUniformQuantizer(UniformQuantizer):
     Forward: ``clamp(round(x/Δ), -z, 2^b-1-z)·Δ`` - the same operations as
     :func:`~qwt_core.quantizers.uniform_fake_quant`, so it reproduces the calibrated quantizer
     exactly; backward: straight-through rounding, LSQ gradient on Δ scaled by
-    ``g = 1/√(n·(2^b-1))`` with ``n`` = elements per (Δ) channel. ``delta`` (and ``zero_point``
+    ``g = 1/√(n·(2^b-1))`` with ``n`` = elements per (Δ) channel (of the whole batch: times
+    ``data_shards`` when the batch is split over processes, see :func:`set_data_shards`). ``delta`` (and ``zero_point``
     when ``learn_zero_point``) are ``nn.Parameter``; the shapes are those of the source quantizer.
     Build it with :meth:`from_quantizer`; it never re-initialises itself.
     """
@@ -168,6 +191,7 @@ class LearnableUniformQuantizer(UniformQuantizer):
         else:
             self.register_buffer("zero_point", zp)
         self.learn_zero_point = learn_zero_point
+        self.data_shards = 1
         self._mark_inited(True)
 
     # ``version`` keys the quantized-weight cache of the quant layers: make it follow Δ and z.
@@ -207,7 +231,7 @@ class LearnableUniformQuantizer(UniformQuantizer):
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         q_max = 2 ** self.n_bits - 1
-        n = max(1, x.numel() // max(1, self.delta.numel()))
+        n = max(1, x.numel() // max(1, self.delta.numel())) * self.data_shards
         g = 1.0 / math.sqrt(n * q_max)
         delta = grad_scale(self.delta, g)
         z = grad_scale(self.zero_point, g) if self.learn_zero_point else self.zero_point
@@ -315,3 +339,18 @@ def learnable_step_parameters(model: nn.Module) -> list[nn.Parameter]:
             if isinstance(m, AsymmetricLSQQuantizer):
                 params.append(m.offset)
     return params
+
+
+def set_data_shards(model: nn.Module, shards: int) -> int:
+    """Tell every learnable activation quantizer of ``model`` that its batch is split over
+    ``shards`` processes (LSQ gradient scale and LSQ init then use the whole batch). Weight
+    quantizers (modules named ``weight_quantizer``) see the same tensor on every process and keep
+    ``data_shards = 1``. Returns the number of quantizers set."""
+    if shards < 1:
+        raise ValueError(f"shards must be >= 1, got {shards}")
+    count = 0
+    for name, m in model.named_modules():
+        if isinstance(m, (LSQQuantizer, LearnableUniformQuantizer)) and not name.endswith("weight_quantizer"):
+            m.data_shards = shards
+            count += 1
+    return count

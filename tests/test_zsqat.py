@@ -215,3 +215,93 @@ def test_learnable_quantizer_state_dict_round_trip():
     assert not torch.equal(a(x), b(x))
     b.load_state_dict(a.state_dict())
     assert torch.equal(a(x), b(x)) and b.is_inited
+
+
+# ---------------------------------------------------------------- two processes equal one
+_SHARD_WORKER = r'''
+import sys
+import torch
+import torch.nn.functional as F
+from torch import nn
+from qwt_core.distributed import average_gradients, get_rank, get_world_size, init_distributed_from_env
+from qwt_core.lsq import (AsymmetricLSQQuantizer, LearnableUniformQuantizer, LSQQuantizer,
+                          learnable_step_parameters, set_data_shards)
+
+
+class Net(nn.Module):
+    """x -> LSQ -> Linear(LSQ weights) -> ReLU -> asymmetric LSQ -> Linear -> learnable uniform."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 8)
+        self.input_quantizer = LSQQuantizer(4, signed=True)
+        self.weight_quantizer = LSQQuantizer(4, signed=True)
+        self.mid_quantizer = AsymmetricLSQQuantizer(3)
+        self.out_quantizer = LearnableUniformQuantizer(4, torch.tensor(0.05), torch.tensor(8.0))
+
+    def forward(self, x):
+        h = F.linear(self.input_quantizer(x), self.weight_quantizer(self.fc1.weight), self.fc1.bias)
+        return self.out_quantizer(self.fc2(self.mid_quantizer(torch.relu(h))))
+
+
+def run(out, sharded):
+    init_distributed_from_env("cpu")
+    rank, world = get_rank(), get_world_size()
+    g = torch.Generator().manual_seed(1)
+    x, target = torch.randn(8, 5, 16, generator=g) * 2, torch.randn(8, 5, 8, generator=g)
+    b = len(x) // world
+    x, target = x[rank * b:(rank + 1) * b], target[rank * b:(rank + 1) * b]
+    net = Net()
+    if sharded:
+        set_data_shards(net, world)
+    loss = ((net(x) - target) ** 2).mean()
+    params = learnable_step_parameters(net) + list(net.fc1.parameters())
+    loss.backward()
+    average_gradients(params)
+    if rank == 0:
+        torch.save({"steps": [p.detach() for p in learnable_step_parameters(net)],
+                    "grads": [p.grad for p in params]}, out)
+
+
+if __name__ == "__main__":
+    run(sys.argv[1], sys.argv[2] == "1")
+'''
+
+
+def _shard_run(tmp_path, world: int, sharded: bool) -> dict:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_datafree import _free_port
+
+    root = Path(__file__).resolve().parents[1]
+    script = tmp_path / "shard_worker.py"
+    script.write_text(_SHARD_WORKER)
+    out = tmp_path / f"w{world}_{int(sharded)}.pt"
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
+           "--master_port", str(_free_port()), str(script), str(out), str(int(sharded))]
+    if world == 1:
+        cmd = [sys.executable, str(script), str(out), str(int(sharded))]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(out, weights_only=True)
+
+
+def test_lsq_two_processes_equal_one(tmp_path):
+    """Two gloo processes on 4 samples each give the LSQ init and the averaged gradients of one
+    process on all 8 (activation steps: all-reduced init statistic, whole-batch gradient scale);
+    without set_data_shards they do not (the test can fail)."""
+    one = _shard_run(tmp_path, 1, True)
+    two = _shard_run(tmp_path, 2, True)
+    for a, b in zip(one["steps"], two["steps"]):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=0)
+    for a, b in zip(one["grads"], two["grads"]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-9)
+    naive = _shard_run(tmp_path, 2, False)
+    assert not all(torch.allclose(a, b, rtol=1e-3) for a, b in zip(one["steps"], naive["steps"]))
+    ratio = naive["grads"][0] / one["grads"][0]  # input step: per-process n is half -> √2 larger scale
+    assert not torch.allclose(ratio, torch.ones_like(ratio), rtol=1e-3)

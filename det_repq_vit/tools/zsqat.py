@@ -179,6 +179,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                                    synthetic_calibration_set)
     from det_repq_vit.synth import num_classes_of
     from qwt_core.distributed import is_dist, is_main_process
+    from qwt_core.lsq import set_data_shards
 
     device, rank, world = setup_process(args.device, args.launcher, args.local_rank)
     zcfg.amp = bool(args.amp and device.startswith("cuda"))
@@ -220,6 +221,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     if args.mode == "dfq":
         quantized = Z.quantize_backbone_lsq(student, args.w_bits, args.a_bits)
+        set_data_shards(student, world)  # before the init: its statistics are all-reduced
         if not resume:
             Z.init_lsq_steps(student, first["inputs"])
             init_spread = Z.rank_spread(Z.step_parameters(student))
@@ -231,6 +233,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         calib_images = SyntheticCalibrationImages(synth, range(repq_batch), repq_batch, device, synth_size, **pad)
         calibrate_detector_repq(qm, next(iter(calib_images)))
         quantized = make_steps_learnable(student, learn_zero_point=args.learn_zero_point)
+        set_data_shards(student, world)
     Z.broadcast_module(student)  # every rank starts from rank 0's steps and weights
     timings["build_student"] = time.perf_counter() - t0
     named = Z.trainable_parameters(student, zcfg)
@@ -259,6 +262,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
     if rank == 0:
         work_dir.mkdir(parents=True, exist_ok=True)
+    on_cuda = str(device).startswith("cuda")
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     with Z.DetectionDistiller(student, teacher, zcfg.w_det, zcfg.w_kl, zcfg.w_mse) as distiller:
         for epoch in range(start_epoch + 1, zcfg.epochs + 1):
@@ -276,6 +282,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     timings["train"] = time.perf_counter() - t0
     trained_iters = sum(1 for r in history if r["epoch"] > start_epoch)
     timings["seconds_per_iteration"] = timings["train"] / trained_iters if trained_iters else None
+    # what a user plans a full run with: peak CUDA memory of this process during training
+    timings["peak_cuda_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30 if on_cuda else None
     step_spread = Z.rank_spread(Z.step_parameters(student))
     param_spread = Z.rank_spread(params)
 
