@@ -16,7 +16,6 @@ Usage: ``python benchmarks/qwt_calib_size.py [--threads 1] [--sizes 4 8 16 ... 5
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -32,6 +31,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import qwt_core  # noqa: E402
+from qwt_core.model_io import atomic_write_json  # noqa: E402
 
 
 def load_digits_split(seed: int, n_test: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -87,14 +87,6 @@ def quantized(fp_state: dict, args: argparse.Namespace, repq_images: torch.Tenso
     qm = qwt_core.quantize_timm_vit(model, args.w_bits, args.a_bits)
     qwt_core.calibrate_repq(qm, repq_images)
     return qm
-
-
-def write_json(path: str, payload: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
 
 
 def main() -> None:
@@ -178,7 +170,7 @@ def main() -> None:
     seconds = time.perf_counter() - t_start
     lines.append(f"total {seconds:.1f} s (training {train_seconds:.1f} s) on {args.threads} threads")
     print("\n".join(lines))
-    write_json(args.output, {"config": vars(args), "fp": fp, "baseline": base, "summary": summary,
+    atomic_write_json(args.output, {"config": vars(args), "fp": fp, "baseline": base, "summary": summary,
                              "checks": checks, "runs": runs, "seconds": seconds,
                              "train_seconds": train_seconds, "depth_blocks": args.depth})
     print(f"wrote {args.output}")

@@ -56,6 +56,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import qwt_core  # noqa: E402
+from qwt_core.model_io import atomic_write_json  # noqa: E402
 
 IMG_SIZE = 32
 N_TEST = 597
@@ -204,14 +205,6 @@ def table(rows: list[dict], default_seed: int) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: str, payload: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--bits", type=parse_bits, nargs="+", default=[(4, 4), (6, 6)], metavar="WxAy",
@@ -258,7 +251,7 @@ def main(argv=None) -> dict:
                "env": {"torch": torch.__version__, "timm": __import__("timm").__version__,
                        "python": platform.python_version(), "threads": args.threads},
                "wall_seconds": round(wall, 1), "rows": rows, "table": text}
-    write_json(args.output, payload)
+    atomic_write_json(args.output, payload)
     print(f"wrote {os.path.relpath(args.output)}")
     return payload
 

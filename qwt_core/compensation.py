@@ -458,6 +458,14 @@ class GroupedConvLeastSquares(_LeastSquares):
 
     def _patches(self, x: torch.Tensor) -> torch.Tensor:
         """``(G, B·L, C_in/G·k² + 1)`` unfolded patches with a constant column."""
+        if self.k == 1:  # 1x1: the patches are the strided pixels; one copy (and cast) into place
+            xs = x[:, :, ::self.stride, ::self.stride]
+            b, c, h, w = xs.shape
+            a = torch.empty(self.groups, b * h * w, c // self.groups + 1, dtype=self.dtype, device=x.device)
+            a[:, :, :-1].view(self.groups, b, h, w, c // self.groups).copy_(
+                xs.unflatten(1, (self.groups, c // self.groups)).permute(1, 0, 3, 4, 2))
+            a[:, :, -1] = 1.0
+            return a
         cols = F.unfold(x.to(self.dtype), self.k, padding=self.padding, stride=self.stride)
         b, _, length = cols.shape
         cols = cols.reshape(b, self.groups, -1, length).permute(1, 0, 3, 2).reshape(self.groups, b * length, -1)
@@ -481,7 +489,10 @@ class GroupedConvLeastSquares(_LeastSquares):
             raise ValueError(f"compensation conv (k={self.k}, stride={self.stride}) gives "
                              f"{a.shape[1] // b} positions, the block output has {h}x{w}")
         yd = y.to(self.dtype)
-        t = yd.reshape(b, self.groups, -1, h * w).permute(1, 0, 3, 2).reshape(self.groups, b * h * w, -1)
+        m = self.c_out // self.groups
+        t = torch.empty(self.groups, b, h * w, m, dtype=self.dtype, device=y.device)
+        t.copy_(y.reshape(b, self.groups, m, h * w).permute(1, 0, 3, 2))  # cast + layout in one copy
+        t = t.view(self.groups, b * h * w, m)
         self.ata[p] += a.transpose(1, 2) @ a
         self.aty[p] += a.transpose(1, 2) @ t
         self.yy[p] += t.pow(2).sum()

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .distributed import all_reduce_max, all_reduce_sum, get_world_size
+from .distributed import all_reduce_max, all_reduce_sum
 from .quantizers import LogSqrt2Quantizer, UniformQuantizer, log_sqrt2_fake_quant, validate_bits
 
 __all__ = ["round_ste", "grad_scale", "LSQQuantizer", "AsymmetricLSQQuantizer",

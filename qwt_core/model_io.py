@@ -8,6 +8,7 @@ reparameterization are re-created.
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Callable
 
@@ -66,6 +67,20 @@ def atomic_torch_save(obj: Any, path: str) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_json(path: str, payload: Any) -> None:
+    """``payload`` as indented JSON at ``path``, written through a temporary file and ``os.replace``
+    (never half-written; the folder is created)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(payload, f, indent=2)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -237,14 +237,22 @@ def _broadcast_shape(x: torch.Tensor, channel_wise: bool, channel_dim: int) -> l
 
 
 def uniform_fake_quant(x: torch.Tensor, delta: torch.Tensor, zero_point: torch.Tensor,
-                       n_bits: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       n_bits: int, out: Optional[torch.Tensor] = None,
+                       zero_point_number: Optional[float] = None) -> torch.Tensor:
     """``(clamp(round(x/Δ) + z, 0, 2^b-1) - z)·Δ``; ``delta``/``zero_point`` broadcast to ``x``.
 
     Evaluated as ``clamp(round(x/Δ), -z, 2^b-1-z)·Δ`` with in-place ops (same values, fewer passes).
     ``out``: optional preallocated result tensor of the broadcast shape (reused buffers).
+    ``zero_point_number``: ``float(zero_point)`` of a one-element zero point, already on the host
+    (the quantizer caches it): the clamp then takes Python-number bounds, whose vectorised CPU
+    kernel is about 4x faster than broadcast tensor bounds. The bounds are the same values: the
+    exact ``q_max - z`` rounded once to the tensor dtype, which is what the float subtraction gives.
     """
     q = torch.div(x, delta, out=out).round_() if out is not None else torch.div(x, delta).round_()
-    return q.clamp_(-zero_point, (2 ** n_bits - 1) - zero_point).mul_(delta)
+    q_max = 2 ** n_bits - 1
+    if zero_point_number is not None:
+        return q.clamp_(-zero_point_number, q_max - zero_point_number).mul_(delta)
+    return q.clamp_(-zero_point, q_max - zero_point).mul_(delta)
 
 
 def _uniform_fake_quant_pure(x: torch.Tensor, delta: torch.Tensor, zero_point: torch.Tensor,
@@ -387,6 +395,8 @@ class _LazyQuantizer(nn.Module):
                                       unexpected_keys, error_msgs)
         self.version += 1
         self._inited = bool(self.inited)  # load time: the one host read of the buffer
+        if isinstance(self, UniformQuantizer) and self._inited:
+            self._zero_point_number()
         if getattr(self, "channel_wise", False) and self._buffers["delta"].numel() == 1:
             self.channel_wise = False  # saved after the LayerNorm reparameterization
 
@@ -441,7 +451,21 @@ class UniformQuantizer(_LazyQuantizer):
             flat, shape = layout
             return _FusedFakeQuant.get("uniform")(flat, self.delta.view(shape), self.zero_point.view(shape),
                                                   self.n_bits).view(x.shape)
-        return uniform_fake_quant(x, self.delta, self.zero_point, self.n_bits)
+        return uniform_fake_quant(x, self.delta, self.zero_point, self.n_bits,
+                                  zero_point_number=self._zero_point_number())
+
+    def _zero_point_number(self) -> Optional[float]:
+        """The host copy of a one-element CPU zero point, cached by the tensor's identity and
+        version (any in-place change or reassignment invalidates it); None otherwise. Filled at
+        calibration / load time, so a calibrated forward reads nothing from a tensor."""
+        zp = self.zero_point
+        if zp.numel() != 1 or zp.device.type != "cpu":
+            return None
+        key = (zp.data_ptr(), zp._version, zp.dtype)
+        cached = self.__dict__.get("_zp_host")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_zp_host"] = (key, float(zp))
+        return cached[1]
 
     def candidate_ranges(self, rows: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(lo, hi) per candidate, each ``(C,)``, for ``rows`` of shape ``(C, N)``."""
@@ -469,9 +493,10 @@ class UniformQuantizer(_LazyQuantizer):
             elif fused:
                 err = _FusedFakeQuant.get("uniform_sq_err")(rows, delta[:, None], zero[:, None],
                                                             self.n_bits).mean(dim=1)
-            elif buf is not None:
-                err = uniform_fake_quant(rows, delta[:, None], zero[:, None], self.n_bits, out=buf
-                                         ).sub_(rows).pow_(2).mean(dim=1)
+            elif buf is not None:  # calibration: reading a per-tensor z on the host is fine here
+                z_num = float(zero) if zero.numel() == 1 and zero.device.type == "cpu" else None
+                err = uniform_fake_quant(rows, delta[:, None], zero[:, None], self.n_bits, out=buf,
+                                         zero_point_number=z_num).sub_(rows).pow_(2).mean(dim=1)
             else:
                 err = (uniform_fake_quant(rows, delta[:, None], zero[:, None], self.n_bits) - rows
                        ).pow(2).mean(dim=1)
@@ -491,6 +516,7 @@ class UniformQuantizer(_LazyQuantizer):
         self.delta = delta.detach().reshape(shape).clone()
         self.zero_point = zero_point.detach().reshape(shape).to(delta.dtype).clone()
         self._mark_inited(True)
+        self._zero_point_number()  # calibration time: the one host read of a per-tensor z
 
 
 class PercentileQuantizer(UniformQuantizer):

@@ -104,3 +104,25 @@ def test_r2_from_moments_matches_sklearn_grouped():
     ss_res = (y - a @ theta).pow(2).sum()
     ss_tot = (y - y.mean(1, keepdim=True)).pow(2).sum()
     assert r2 == pytest.approx(float(1 - ss_res / ss_tot), abs=1e-10)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv_fitter_1x1_patches_equal_unfold(stride):
+    """The 1x1 fast path (strided pixels copied into place) gives the unfold + permute + cat patches
+    and therefore the same moments, bit for bit."""
+    from qwt_core.compensation import GroupedConvLeastSquares
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 128, 9, 9, generator=g)
+    fitter = GroupedConvLeastSquares(128, 256, stride=stride, kernel_size=1, group_channels=64)
+    cols = torch.nn.functional.unfold(x.double(), 1, padding=0, stride=stride)
+    b, _, length = cols.shape
+    cols = cols.reshape(b, 2, -1, length).permute(1, 0, 3, 2).reshape(2, b * length, -1)
+    ref = torch.cat([cols, cols.new_ones(2, b * length, 1)], dim=2)
+    assert torch.equal(fitter._patches(x), ref)
+    h = len(range(0, 9, stride))
+    y = torch.randn(3, 256, h, h, generator=g)
+    fitter.update(x, y)
+    t = y.double().reshape(3, 2, -1, h * h).permute(1, 0, 3, 2).reshape(2, 3 * h * h, -1)
+    assert torch.equal(fitter.aty[0], ref.transpose(1, 2) @ t)
+    assert torch.equal(fitter.ata[0], ref.transpose(1, 2) @ ref)

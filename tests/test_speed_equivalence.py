@@ -164,3 +164,38 @@ def test_fused_model_equals_eager_model(monkeypatch):
     _assert_same_state(fused.model, eager.model)
     with torch.no_grad():
         assert torch.equal(fused.model(x), eager.model(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("z", [0.0, -0.0, 7.0, 3.3, -2.71828, 1e-3])
+def test_number_bounds_clamp_equals_tensor_bounds(dtype, z):
+    """The CPU fast path (Python-number clamp bounds) gives the tensor-bounds values bit for bit,
+    also for the non-integer zero points of the LayerNorm reparameterization, NaN and ±inf."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(4096, generator=g, dtype=torch.float64) * 3).to(dtype)
+    x[::97] = float("nan")
+    x[1::101], x[2::103] = float("inf"), -float("inf")
+    delta = torch.tensor(0.37, dtype=dtype)
+    zp = torch.tensor(z, dtype=dtype)
+    for bits in (4, 8):
+        ref = qz.uniform_fake_quant(x, delta, zp, bits)
+        fast = qz.uniform_fake_quant(x, delta, zp, bits, zero_point_number=float(zp))
+        torch.testing.assert_close(fast, ref, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(torch.signbit(fast[~fast.isnan()]), torch.signbit(ref[~ref.isnan()]))
+
+
+def test_host_zero_point_follows_in_place_changes():
+    """The quantizer's cached host z is keyed by tensor identity and version: an in-place change or a
+    load_state_dict is seen by the next forward."""
+    q = qz.UniformQuantizer(4)
+    x = images(2, 8, seed=1)
+    q.initialize(x)
+    assert q.zero_point.numel() == 1 and q._zero_point_number() == float(q.zero_point)
+    with torch.no_grad():
+        q.zero_point.add_(3.0)
+    assert torch.equal(q(x), qz.uniform_fake_quant(x, q.delta, q.zero_point, 4))
+    other = qz.UniformQuantizer(4)
+    other.initialize(x * 5)
+    q.load_state_dict(other.state_dict())
+    assert q._zero_point_number() == float(other.zero_point)
+    assert torch.equal(q(x), other(x))
