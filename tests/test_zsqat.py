@@ -223,7 +223,8 @@ import sys
 import torch
 import torch.nn.functional as F
 from torch import nn
-from qwt_core.distributed import average_gradients, get_rank, get_world_size, init_distributed_from_env
+from qwt_core.distributed import (average_gradients, destroy_distributed, get_rank, get_world_size,
+                                  init_distributed_from_env, is_dist)
 from qwt_core.lsq import (AsymmetricLSQQuantizer, LearnableUniformQuantizer, LSQQuantizer,
                           learnable_step_parameters, set_data_shards)
 
@@ -262,6 +263,9 @@ def run(out, sharded):
     if rank == 0:
         torch.save({"steps": [p.detach() for p in learnable_step_parameters(net)],
                     "grads": [p.grad for p in params]}, out)
+    if is_dist():  # leave together, with the process group torn down (else gloo may abort at exit)
+        torch.distributed.barrier()
+    destroy_distributed()
 
 
 if __name__ == "__main__":
