@@ -287,6 +287,8 @@ class _FusedFakeQuant:
 
     enabled: bool = os.environ.get("QWT_FUSED_FAKE_QUANT", "0") == "1"
     _fns: dict[str, Callable] = {}
+    #: graphs per fused kernel (input layouts); dynamo's default of 8 is too few for Swin-T
+    RECOMPILE_LIMIT: int = 64
 
     @classmethod
     def get(cls, name: str) -> Callable:
@@ -294,7 +296,17 @@ class _FusedFakeQuant:
         if fn is None:
             base = {"uniform": _uniform_fake_quant_pure, "log2": _log_sqrt2_fake_quant_pure,
                     "uniform_sq_err": _uniform_sq_err_pure, "log2_sq_err": _log_sqrt2_sq_err_pure}[name]
-            fn = cls._fns[name] = torch.compile(base, dynamic=True)
+            compiled = torch.compile(base, dynamic=True)
+
+            def fn(*args, _compiled=compiled):
+                # every (rank, stride, view-base) pattern is one graph: Swin-T needs more than
+                # dynamo's default limit of 8, past which the calls would silently run uncompiled;
+                # a model needing more than RECOMPILE_LIMIT raises instead of slowing down silently
+                with torch._dynamo.config.patch(recompile_limit=cls.RECOMPILE_LIMIT,
+                                                fail_on_recompile_limit_hit=True):
+                    return _compiled(*args)
+
+            cls._fns[name] = fn
         return fn
 
 

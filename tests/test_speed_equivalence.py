@@ -166,6 +166,22 @@ def test_fused_model_equals_eager_model(monkeypatch):
         assert torch.equal(fused.model(x), eager.model(x))
 
 
+def test_fused_kernels_fail_loudly_past_their_graph_limit(monkeypatch):
+    """More input layouts than the fused kernel's graph limit raise instead of silently running
+    uncompiled (dynamo's default of 8 was silently exceeded by Swin-T); the default limit is above
+    what Swin-T needs (12 graphs)."""
+    assert qz._FusedFakeQuant.RECOMPILE_LIMIT >= 16
+    monkeypatch.setattr(qz._FusedFakeQuant, "RECOMPILE_LIMIT", 1)
+    monkeypatch.setattr(qz._FusedFakeQuant, "_fns", {})
+    torch._dynamo.reset()
+    fn = qz._FusedFakeQuant.get("uniform")
+    d, z = torch.tensor(0.2), torch.tensor(3.0)
+    fn(torch.randn(40), d, z, 4)  # graph 1
+    with pytest.raises(Exception, match="(?i)recompil"):
+        fn(torch.randn(5, 8), d.view(1, 1), z.view(1, 1), 4)  # another rank: a second graph
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("z", [0.0, -0.0, 7.0, 3.3, -2.71828, 1e-3])
 def test_number_bounds_clamp_equals_tensor_bounds(dtype, z):
