@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qwt_core.distill import BlockOutputRecorder, block_mse, flatten_concat, kl_distill
-from qwt_core.distributed import average_gradients, get_rank, get_world_size, is_dist  # noqa: F401 (re-export)
+from qwt_core.distributed import average_gradients, get_rank, get_world_size, is_dist
 from qwt_core.lsq import LSQQuantizer, learnable_step_parameters
 from qwt_core.model_io import atomic_torch_save
 from qwt_core.quantize import LayerBits, quantize_layers

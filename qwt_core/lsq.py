@@ -178,6 +178,8 @@ class LearnableUniformQuantizer(UniformQuantizer):
     Build it with :meth:`from_quantizer`; it never re-initialises itself.
     """
 
+    data_shards: int = 1
+
     def __init__(self, n_bits: int, delta: torch.Tensor, zero_point: torch.Tensor,
                  channel_wise: bool = False, channel_dim: int = 0,
                  learn_zero_point: bool = False) -> None:
@@ -191,7 +193,6 @@ class LearnableUniformQuantizer(UniformQuantizer):
         else:
             self.register_buffer("zero_point", zp)
         self.learn_zero_point = learn_zero_point
-        self.data_shards = 1
         self._mark_inited(True)
 
     # ``version`` keys the quantized-weight cache of the quant layers: make it follow Δ and z.

@@ -255,6 +255,12 @@ def uniform_fake_quant(x: torch.Tensor, delta: torch.Tensor, zero_point: torch.T
     return q.clamp_(-zero_point, q_max - zero_point).mul_(delta)
 
 
+def _cpu_number(t: torch.Tensor) -> Optional[float]:
+    """``float(t)`` for a one-element CPU tensor (no device sync), else None: the
+    ``zero_point_number`` of :func:`uniform_fake_quant`."""
+    return float(t) if t.numel() == 1 and t.device.type == "cpu" else None
+
+
 def _uniform_fake_quant_pure(x: torch.Tensor, delta: torch.Tensor, zero_point: torch.Tensor,
                              n_bits: int) -> torch.Tensor:
     """Out-of-place form of :func:`uniform_fake_quant` (same ops, same order) for ``torch.compile``."""
@@ -407,8 +413,6 @@ class _LazyQuantizer(nn.Module):
                                       unexpected_keys, error_msgs)
         self.version += 1
         self._inited = bool(self.inited)  # load time: the one host read of the buffer
-        if isinstance(self, UniformQuantizer) and self._inited:
-            self._zero_point_number()
         if getattr(self, "channel_wise", False) and self._buffers["delta"].numel() == 1:
             self.channel_wise = False  # saved after the LayerNorm reparameterization
 
@@ -471,13 +475,18 @@ class UniformQuantizer(_LazyQuantizer):
         version (any in-place change or reassignment invalidates it); None otherwise. Filled at
         calibration / load time, so a calibrated forward reads nothing from a tensor."""
         zp = self.zero_point
-        if zp.numel() != 1 or zp.device.type != "cpu":
-            return None
         key = (zp.data_ptr(), zp._version, zp.dtype)
         cached = self.__dict__.get("_zp_host")
         if cached is None or cached[0] != key:
-            cached = self.__dict__["_zp_host"] = (key, float(zp))
+            cached = self.__dict__["_zp_host"] = (key, _cpu_number(zp))
         return cached[1]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if self.is_inited:
+            self._zero_point_number()  # load time: the one host read of a per-tensor z
 
     def candidate_ranges(self, rows: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(lo, hi) per candidate, each ``(C,)``, for ``rows`` of shape ``(C, N)``."""
@@ -506,9 +515,8 @@ class UniformQuantizer(_LazyQuantizer):
                 err = _FusedFakeQuant.get("uniform_sq_err")(rows, delta[:, None], zero[:, None],
                                                             self.n_bits).mean(dim=1)
             elif buf is not None:  # calibration: reading a per-tensor z on the host is fine here
-                z_num = float(zero) if zero.numel() == 1 and zero.device.type == "cpu" else None
                 err = uniform_fake_quant(rows, delta[:, None], zero[:, None], self.n_bits, out=buf,
-                                         zero_point_number=z_num).sub_(rows).pow_(2).mean(dim=1)
+                                         zero_point_number=_cpu_number(zero)).sub_(rows).pow_(2).mean(dim=1)
             else:
                 err = (uniform_fake_quant(rows, delta[:, None], zero[:, None], self.n_bits) - rows
                        ).pow(2).mean(dim=1)
