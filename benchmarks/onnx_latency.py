@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import sys
@@ -41,6 +40,7 @@ if ROOT not in sys.path:
 
 import qwt_core  # noqa: E402
 from qwt_core import export as qx  # noqa: E402
+from qwt_core.model_io import atomic_write_json  # noqa: E402
 from cls_repq_vit.models import get_spec  # noqa: E402
 
 TARGET_QWT_VS_FP = 0.45      # DeiT-S W8A8 + QwT vs ORT FP at batch 32
@@ -240,7 +240,7 @@ def main(argv=None) -> dict[str, Any]:
                         f"{k} {v:.1f} ms ({res['ratio_vs_ort_fp'][k]:.2f}x)" for k, v in res["median_ms"].items()),
                         flush=True)
                 results["models"][key] = info
-                _write_json(results, args.out)  # partial results survive an interrupted run
+                atomic_write_json(args.out, results)  # partial results survive an interrupted run
                 for f in runners.values():
                     if isinstance(f, str) and os.path.exists(f):
                         os.remove(f)
@@ -253,17 +253,9 @@ def main(argv=None) -> dict[str, Any]:
             "deit_small_qwt_overhead_b32": {"fp32_comp": deit.get("qwt_overhead_fp32"),
                                             "int8_comp": deit.get("qwt_overhead_int8"),
                                             "target": TARGET_QWT_OVERHEAD}}
-    _write_json(results, args.out)
+    atomic_write_json(args.out, results)
     print(f"results written to {args.out}", flush=True)
     return results
-
-
-def _write_json(results: dict[str, Any], path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -27,12 +27,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from typing import Callable
@@ -48,6 +46,7 @@ if ROOT not in sys.path:
 
 import qwt_core  # noqa: E402
 import qwt_core.quantizers as qz  # noqa: E402
+from qwt_core.model_io import atomic_write_json  # noqa: E402
 
 ADAPTERS: dict[str, tuple[str, Callable]] = {
     "deit_small_patch16_224": ("RepQ-ViT", qwt_core.quantize_timm_vit),
@@ -242,11 +241,7 @@ def _write_json(args: argparse.Namespace, rows: list[dict], cpu: str, gpu: str |
            "complete": bool(table),
            "note": f"wall-clock {args.stat} over repetitions on a possibly shared machine; FP and "
                    "quantized timings interleaved per repetition", "rows": rows, "table": table}
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(args.output)), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(out, f, indent=2)
-    os.replace(tmp, args.output)
+    atomic_write_json(args.output, out)
 
 
 if __name__ == "__main__":

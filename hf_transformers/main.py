@@ -15,12 +15,10 @@ FP, baseline (quantized), + QwT, the calibration report and the per-block QwT re
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
 import sys
-import tempfile
 import time
 from typing import Any, Optional, Sequence
 
@@ -31,6 +29,7 @@ from tqdm.auto import tqdm
 import qwt_core
 from qwt_core.adapters import hf as hf_adapter
 from qwt_core.cli_options import parse_ridge, qwt_overrides
+from qwt_core.model_io import atomic_write_json
 from qwt_core.quantizers import validate_bits
 
 DEFAULT_CALIB_SIZE = 512
@@ -186,20 +185,6 @@ def evaluate(model, kind: str, batches: list[dict], fp_embeddings: Optional[torc
     return hf_adapter.embedding_cosine(fp_embeddings, emb)
 
 
-def _write_json(path: str, payload: dict[str, Any]) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _device(name: Optional[str]) -> torch.device:
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -306,7 +291,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"saved the quantized model to {args.save_quantized}")
     result["seconds"] = time.time() - t_start
     if args.output:
-        _write_json(args.output, result)
+        atomic_write_json(args.output, result)
         print(f"wrote {args.output}")
     return result
 

@@ -19,7 +19,6 @@ re-evaluate the quantized (+ compensated) model without calibration data.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
@@ -49,6 +48,7 @@ from qwt_core.adapters.open_clip import (PATCH_EMBED_INPUT_BITS, ZeroShotHead, q
                                          quantize_open_clip_visual, quantize_zero_shot_head)
 from qwt_core.distributed import (ShardSampler, destroy_distributed, init_distributed_from_env,
                                   is_main_process, rank_slice)
+from qwt_core.model_io import atomic_write_json
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CALIB_SIZE = 512  # QwT's calibration set: 512 image-caption pairs
@@ -360,14 +360,6 @@ def _plot(path: str, towers: dict[str, dict[str, Any]], title: str) -> str:
     return plot_block_errors(blocks, path, title)
 
 
-def _write_json(path: str, results: dict[str, Any]) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(tmp, path)
-
-
 @dataclass
 class Prepared:
     """The evaluated model and what the evaluation needs: ``bundle`` (CLIP + zero-shot head, quantized
@@ -518,7 +510,7 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
          f"{results['top1']:.2f}  top-5 {results['top5']:.2f} ({results['num_images']} images, "
          f"{len(classnames)} classes, {world} process(es))")
     if args.output and is_main_process():
-        _write_json(args.output, results)
+        atomic_write_json(args.output, results)
     return results
 
 

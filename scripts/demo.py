@@ -90,16 +90,10 @@ def write_digits_imagefolder(root: str, size: int = IMG_SIZE) -> dict[str, int]:
             img = Image.fromarray(images[i], mode="L").resize((size, size), Image.BILINEAR).convert("RGB")
             img.save(os.path.join(d, f"{i:04d}.png"))
         counts[split] = int(len(ids))
-    _write_json(marker, counts)
+    from qwt_core.model_io import atomic_write_json
+
+    atomic_write_json(marker, counts)
     return counts
-
-
-def _write_json(path: str, obj: Any) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def _tensors(split: str, out: str):
@@ -507,7 +501,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
               f"run by onnxruntime (log {os.path.join(out, 'logs', 'deploy.log')})", flush=True)
         deploy = deploy_demo(args.seeds[0], out)
     summary = aggregate(per_seed, settings, counts, time.perf_counter() - t0, train, deploy)
-    _write_json(results_json, summary)
+    from qwt_core.model_io import atomic_write_json
+
+    atomic_write_json(results_json, summary)
     png = plot_from_json(results_json, figure)
     print("\n" + format_summary(summary))
     if deploy is not None:
