@@ -18,6 +18,9 @@ contention hits both sides alike, and each time is summarised over ``--reps`` by
 (``--stat min``, default: interference only ever slows a run down, so the best of N is the least
 disturbed one) or its median (``--stat median``). Times are wall-clock seconds.
 
+The CPU heap is kept (``--cpu_heap retain``, :mod:`qwt_core.cpu_heap`, as the command lines do on
+CPU) unless ``--cpu_heap system``; ``benchmarks/cpu_heap_ab.py`` compares the two.
+
 Usage: ``python benchmarks/speed.py [--threads 2] [--reps 3] [--stat min|median] [--device cpu cuda] [--modes eager fused]
 [--models deit_small_patch16_224 swin_tiny_patch4_window7_224 resnet50]
 [--output outputs/bench/speed.json]``. GPU rows are measured only with ``--device cuda``
@@ -46,6 +49,7 @@ if ROOT not in sys.path:
 
 import qwt_core  # noqa: E402
 import qwt_core.quantizers as qz  # noqa: E402
+from qwt_core.cpu_heap import retain_cpu_heap  # noqa: E402
 from qwt_core.model_io import atomic_write_json  # noqa: E402
 
 ADAPTERS: dict[str, tuple[str, Callable]] = {
@@ -168,7 +172,8 @@ def format_table(rows: list[dict], args: argparse.Namespace) -> str:
         lines.append("fused: one-time torch.compile warm-up, not in the ratios: " + ", ".join(compiles))
     lines.append(f"('!' = misses the target; calibration batch {args.calib_size}, eval "
                  f"{args.eval_size} images, QwT on {args.qwt_size} images, batch {args.batch_size}, "
-                 f"W{args.w_bits}A{args.a_bits}, {args.stat} of {args.reps} repetitions)")
+                 f"W{args.w_bits}A{args.a_bits}, {args.stat} of {args.reps} repetitions, CPU heap: "
+                 f"{args.cpu_heap})")
     return "\n".join(lines)
 
 
@@ -190,6 +195,9 @@ def main() -> None:
     p.add_argument("--w_bits", type=int, default=4)
     p.add_argument("--a_bits", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cpu_heap", choices=["retain", "system"], default="retain",
+                   help="retain (default, as the command lines do on CPU): keep freed memory in the heap "
+                        "(qwt_core.cpu_heap); system: glibc's own trimming and mmap of large blocks")
     p.add_argument("--output", default=os.path.join(ROOT, "outputs", "bench", "speed.json"))
     args = p.parse_args()
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
@@ -200,6 +208,8 @@ def main() -> None:
         if v < 1:
             raise SystemExit(f"--{n}={v}: must be at least 1")
     torch.set_num_threads(args.threads)
+    if args.cpu_heap == "retain":
+        retain_cpu_heap()  # process-wide, before any model: FP and quantized runs alike
     # 64 calibration images give fewer rows than 10x the features: QwT warns once per run; the
     # ratio, not the fit, is measured here
     warnings.filterwarnings("ignore", message=r"QwT block .* fit rows")

@@ -23,6 +23,7 @@ from torch import nn
 import qwt_core
 from qwt_core.adapters.base import QuantizedModel
 from qwt_core.cli_options import add_qwt_arguments, add_speed_arguments, apply_speed_arguments, qwt_overrides
+from qwt_core.cpu_heap import cpu_heap_mode
 from qwt_core.distributed import is_main_process
 
 from . import data as cls_data
@@ -277,8 +278,8 @@ def _run(args: argparse.Namespace, spec: ModelSpec, rank: int, world: int, devic
         "repq_calib_size": args.repq_calib_size, "start_block": args.start_block, "seed": args.seed,
         "integer_zero_point": args.integer_zero_point, "world_size": world, "device": str(device),
         "fused_fake_quant": bool(getattr(args, "fused_fake_quant", False)),
-        "torch": torch.__version__, "python": platform.python_version(), "accuracy": {},
-        "timings_s": timings}
+        "cpu_heap": cpu_heap_mode(), "torch": torch.__version__, "python": platform.python_version(),
+        "accuracy": {}, "timings_s": timings}
     baseline = BASELINE_NAME[spec.family]
     rows: list[tuple[str, Optional[Accuracy]]] = []
 

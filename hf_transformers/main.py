@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 
 import qwt_core
 from qwt_core.adapters import hf as hf_adapter
-from qwt_core.cli_options import parse_ridge, qwt_overrides
+from qwt_core.cli_options import add_speed_arguments, apply_speed_arguments, parse_ridge, qwt_overrides
+from qwt_core.cpu_heap import cpu_heap_mode
 from qwt_core.model_io import atomic_write_json
 from qwt_core.quantizers import validate_bits
 
@@ -92,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-download", "--allow_download", dest="allow_download", action="store_true",
                    help="let transformers download a hub model missing from the cache")
     p.add_argument("--no-progress", "--no_progress", dest="no_progress", action="store_true")
+    add_speed_arguments(p)
     return p
 
 
@@ -231,6 +233,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise CLIError(f"--repq-size {args.repq_size} is larger than the {len(calib_texts)} calibration "
                        "texts: pass a smaller --repq-size or more text")
     source, local_only = resolve_model_source(args.model, args.allow_download)
+    apply_speed_arguments(args, str(device))
     model, tokenizer = load_model_and_tokenizer(source, local_only, args.kind)
     model.to(device)
     try:
@@ -246,6 +249,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "metric": "perplexity" if kind == "decoder" else "cosine_to_fp",
         "w_bits": args.w_bits, "a_bits": args.a_bits, "eval_texts": len(eval_texts),
         "max_length": args.max_length, "seed": args.seed, "device": str(device),
+        "fused_fake_quant": bool(args.fused_fake_quant), "cpu_heap": cpu_heap_mode(),
         "torch": torch.__version__, "python": platform.python_version()}
     print(f"model {args.model} ({type(model).__name__}, {kind}); W{args.w_bits}A{args.a_bits}; "
           f"{len(eval_texts)} held-out texts")

@@ -44,6 +44,7 @@ from mm_clip.wds_calib import DEFAULT_INDEX_CACHE, draw_samples, expand_shards, 
 from mm_clip.zeroshot import build_zero_shot_classifier, evaluate_zero_shot
 from qwt_core import load_quantized, save_quantized, validate_bits
 from qwt_core.cli_options import add_qwt_arguments, add_speed_arguments, apply_speed_arguments, qwt_overrides
+from qwt_core.cpu_heap import cpu_heap_mode
 from qwt_core.adapters.open_clip import (PATCH_EMBED_INPUT_BITS, ZeroShotHead, quantize_open_clip_text,
                                          quantize_open_clip_visual, quantize_zero_shot_head)
 from qwt_core.distributed import (ShardSampler, destroy_distributed, init_distributed_from_env,
@@ -380,7 +381,8 @@ def _prepare(args: argparse.Namespace, rank: int, world: int, device: torch.devi
     check_val_dir(args.imagenet_val)
     results: dict[str, Any] = {"choice": args.choice, "device": str(device), "world_size": world,
                                "seed": args.seed, "templates": len(OPENAI_IMAGENET_TEMPLATES),
-                               "fused_fake_quant": bool(args.fused_fake_quant), "torch": torch.__version__}
+                               "fused_fake_quant": bool(args.fused_fake_quant), "cpu_heap": cpu_heap_mode(),
+                               "torch": torch.__version__}
 
     if args.load_quantized:
         bundle, meta, preprocess = _load(args, device)

@@ -74,7 +74,14 @@ def qwt_overrides(gate: Optional[str], ridge: Union[float, str, None],
 
 
 def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--fused_fake_quant`` (dest ``fused_fake_quant``, default False)."""
+    """Add ``--fused_fake_quant`` (dest ``fused_fake_quant``, default False) and ``--cpu_heap``
+    (dest ``cpu_heap``, ``retain`` or ``system``, default ``retain``)."""
+    parser.add_argument("--cpu_heap", "--cpu-heap", dest="cpu_heap", choices=["retain", "system"],
+                        default="retain",
+                        help="CPU runs: 'retain' (default) keeps freed memory in the process heap (glibc "
+                             "mallopt), so activations are not page-faulted afresh on every forward "
+                             "(10-40%% faster on CPU; resident memory stays at its peak); 'system' leaves "
+                             "malloc as it is. See qwt_core/cpu_heap.py")
     parser.add_argument("--fused_fake_quant", "--fused-fake-quant", dest="fused_fake_quant",
                         action="store_true",
                         help="fake quantization through torch.compile-fused kernels (same values; faster "
@@ -84,14 +91,24 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
 
 def apply_speed_arguments(args: argparse.Namespace, device: Optional[str] = None) -> bool:
     """Switch fused fake quantization on if ``args.fused_fake_quant``; returns the setting.
+    On a CPU run with ``args.cpu_heap == "retain"`` also keep freed memory in the heap
+    (:func:`qwt_core.cpu_heap.retain_cpu_heap`); where the C library cannot (not glibc) one line says
+    so and malloc stays as it is.
 
     Raises ``SystemExit`` with one line, before anything runs, when inductor would need a C++
     compiler that is not on ``PATH`` (a CPU run): torch.compile would otherwise fail mid-run.
     """
+    from .cpu_heap import retain_cpu_heap
     from .quantizers import set_fused_fake_quant
 
     on = bool(getattr(args, "fused_fake_quant", False))
-    if on and (device is None or not str(device).startswith("cuda")):
+    cpu = device is None or not str(device).startswith("cuda")
+    if cpu and getattr(args, "cpu_heap", "system") == "retain":
+        try:
+            retain_cpu_heap()
+        except RuntimeError as e:
+            print(f"note: {e}; continuing with the system allocator", flush=True)
+    if on and cpu:
         cxx = os.environ.get("CXX") or "g++"
         if not any(shutil.which(c) for c in (cxx, "g++", "c++", "clang++")):
             raise SystemExit("error: --fused_fake_quant compiles CPU kernels with torch.compile, which needs a "
