@@ -209,7 +209,10 @@ def main() -> None:
             raise SystemExit(f"--{n}={v}: must be at least 1")
     torch.set_num_threads(args.threads)
     if args.cpu_heap == "retain":
-        retain_cpu_heap()  # process-wide, before any model: FP and quantized runs alike
+        try:
+            retain_cpu_heap()  # process-wide, before any model: FP and quantized runs alike
+        except RuntimeError as e:  # the JSON would record a heap setting that is not in effect
+            raise SystemExit(f"error: {e}") from None
     # 64 calibration images give fewer rows than 10x the features: QwT warns once per run; the
     # ratio, not the fit, is measured here
     warnings.filterwarnings("ignore", message=r"QwT block .* fit rows")

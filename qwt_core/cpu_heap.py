@@ -50,8 +50,9 @@ def retain_cpu_heap(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = 
     """Serve blocks below ``mmap_threshold`` bytes from the heap and never trim it below
     ``trim_threshold`` bytes of free space (glibc ``mallopt``), for the rest of the process.
 
-    Raises RuntimeError (one line, nothing changed) where the C library is not glibc or refuses a
-    value.
+    Raises ValueError for a bad threshold and RuntimeError where the C library is not glibc, both
+    before anything changes; RuntimeError also if glibc refuses a value (the mmap threshold may then
+    already be set, while :func:`cpu_heap_mode` still says ``"system"``).
     """
     global _mode
     for name, value in (("mmap_threshold", mmap_threshold), ("trim_threshold", trim_threshold)):
