@@ -12,7 +12,11 @@ calibration protocol). ``reset()`` forgets the initialisation. Their state is ke
 Speed (same numbers as the straightforward code, checked bit for bit in the tests):
 
 * the clipping quantiles come from one ``topk`` per tail (:func:`exact_quantiles`), with a
-  sampled-threshold prefilter for the single huge row of a per-tensor quantizer on CPU;
+  sampled-threshold prefilter (both tails in one pass) for the single huge row of a per-tensor
+  quantizer on CPU;
+* on CPU, fake quantization and the candidate errors of large tensors run piece by piece in cache
+  (``CPU_PIECE_NUMEL``), and the log-√2 quantizer lifts the x/Δ it drops anyway above the
+  denormal range, where ``log2`` is slow;
 * a calibrated quantizer's forward reads no tensor on the host (``is_inited`` is a Python flag
   mirroring the ``inited`` buffer), so it never synchronises a GPU;
 * :func:`set_fused_fake_quant` (off by default) runs the fake quantization through
@@ -45,93 +49,107 @@ def validate_bits(n_bits: int, name: str = "n_bits") -> int:
 TOPK_MAX_FRACTION = 1 / 16
 #: A single row of at least this many values is prefiltered before ``topk`` (see ``_tail_topk``).
 PREFILTER_MIN_N = 1 << 18
-#: Stride of the sample that sets the prefilter threshold (prime: cycles through channel layouts).
-SAMPLE_STRIDE = 61
-#: Pieces a prefiltered row is cut into (parallel ``topk`` over the pieces).
-PREFILTER_ROWS = 256
+#: Strides of the sample that sets the prefilter thresholds (primes, so that a stride cycles through
+#: channel layouts): the smallest one giving at most ``SAMPLE_MAX`` sampled values is used.
+SAMPLE_STRIDES: tuple[int, ...] = (61, 127, 251, 509, 1021, 2039, 4093)
+SAMPLE_MAX = 1 << 18
+
+
+#: Elementwise chains (fake quantization, candidate errors) on a contiguous CPU tensor of at least
+#: twice this many elements run piece by piece, each piece small enough to stay in cache: 4-10
+#: memory passes become one read and one write (same values: the ops are elementwise; reductions
+#: such as the candidate error's mean run afterwards over the whole result, as before).
+CPU_PIECE_NUMEL = 1 << 20
+
+
+def _tails_topk(x: torch.Tensor, k_upper: int, k_lower: int,
+                dim: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``(topk(x, k_upper, dim, largest=True), topk(x, k_lower, dim, largest=False))`` values,
+    sorted, faster for one huge row on CPU; a tail with ``k == 0`` is not computed (None).
+
+    On CPU ``topk`` works row by row on one thread and copies the whole row into (value, index)
+    pairs, so a per-tensor quantizer (one row of millions of values) pays for the whole row, once
+    per tail. For such a row:
+
+    1. a threshold per tail is read from a strided sample (every ``s``-th value, ``s`` a prime from
+       ``SAMPLE_STRIDES`` so that it cycles through channel layouts) so that about 1.25 ``k`` values
+       of the row (plus four standard deviations of the sample) lie beyond it;
+    2. the values strictly beyond either threshold are gathered by one comparison and one boolean
+       index (multi-threaded, about three memory passes for both tails; NaNs count as beyond the
+       upper threshold);
+    3. for each tail, if at least ``k`` candidates lie strictly beyond its threshold, the ``k``
+       extreme candidates are exactly the ``k`` extreme values of the row (same values, same
+       order). If fewer, but the row holds enough copies of the threshold ``t`` to fill the rest
+       (ties, e.g. the zeros after a ReLU), the result is those values followed by copies of ``t``
+       (equal values: what ``topk`` returns). Otherwise the sample was unlucky and the plain
+       ``topk`` runs for that tail.
+
+    NaNs count as largest, as in ``topk``/``kthvalue``.
+
+    Args:
+        x: floating tensor ``(..., N, ...)``.
+        k_upper / k_lower: number of largest / smallest values along ``dim`` (0: skip the tail).
+        dim: the reduced dimension.
+    Returns:
+        ``(top, bottom)``: ``x``'s shape with ``dim`` of size ``k_upper`` / ``k_lower`` (or None).
+    """
+    n = x.shape[dim]
+
+    def plain(k: int, largest: bool) -> Optional[torch.Tensor]:
+        return torch.topk(x, k, dim=dim, largest=largest, sorted=True).values if k else None
+
+    if (x.device.type != "cpu" or x.numel() != n or n < PREFILTER_MIN_N
+            or max(k_upper, k_lower) * 32 > n or not (k_upper or k_lower)):
+        return plain(k_upper, True), plain(k_lower, False)
+    flat = x.reshape(-1)
+    stride = next((s for s in SAMPLE_STRIDES if n // s <= SAMPLE_MAX), SAMPLE_STRIDES[-1])
+    sample = flat[stride // 2::stride].contiguous()
+    m = sample.numel()
+
+    def threshold(k: int, largest: bool) -> Optional[torch.Tensor]:
+        if not k:
+            return None
+        expected = k * m / n  # rank of the k-th extreme value inside the sample
+        k_s = min(m, int(math.ceil(1.25 * expected + 4.0 * math.sqrt(expected) + 8)))
+        return torch.topk(sample, k_s, largest=largest, sorted=True).values[-1]
+
+    t_hi, t_lo = threshold(k_upper, True), threshold(k_lower, False)
+    if any(t is not None and bool(torch.isnan(t)) for t in (t_hi, t_lo)):
+        return plain(k_upper, True), plain(k_lower, False)  # a NaN threshold selects nothing useful
+    def beyond(piece: torch.Tensor) -> torch.Tensor:
+        """Values of ``piece`` strictly beyond a threshold (NaN is never inside: it counts as largest)."""
+        inside = torch.le(piece, t_hi) if t_hi is not None else None
+        if t_lo is not None:
+            inside = torch.ge(piece, t_lo) if inside is None else inside.logical_and_(torch.ge(piece, t_lo))
+        return piece[inside.logical_not_()]
+
+    # piece by piece (cache-resident masks), in row order
+    candidates = torch.cat([beyond(flat[i:i + CPU_PIECE_NUMEL]) for i in range(0, n, CPU_PIECE_NUMEL)])
+
+    def tail(t: Optional[torch.Tensor], k: int, largest: bool) -> Optional[torch.Tensor]:
+        if t is None:
+            return None
+        n_strict = int((torch.le(candidates, t).logical_not_() if largest else torch.lt(candidates, t)).sum())
+        if n_strict >= k:
+            return torch.topk(candidates, k, largest=largest, sorted=True).values
+        if n_strict + int(torch.eq(flat, t).sum()) >= k:  # the k-th extreme value is t itself
+            head = torch.topk(candidates, n_strict, largest=largest, sorted=True).values
+            return torch.cat([head, t.reshape(1).expand(k - n_strict)])
+        return torch.topk(flat, k, largest=largest, sorted=True).values  # unlucky sample
+
+    shape = list(x.shape)
+    out = []
+    for t, k, largest in ((t_hi, k_upper, True), (t_lo, k_lower, False)):
+        values = tail(t, k, largest)
+        shape[dim] = k
+        out.append(None if values is None else values.reshape(shape))
+    return out[0], out[1]
 
 
 def _tail_topk(x: torch.Tensor, k: int, dim: int, largest: bool) -> torch.Tensor:
-    """``torch.topk(x, k, dim, largest, sorted=True).values``, faster for one huge row on CPU.
-
-    On CPU ``topk`` works row by row on one thread and copies the whole row into (value, index)
-    pairs, so a per-tensor quantizer (one row of millions of values) pays for the whole row. For
-    such a row:
-
-    1. a threshold ``t`` is read from a strided sample (every ``SAMPLE_STRIDE``-th value, a prime
-       so that it cycles through channel layouts) so that about twice ``k`` values lie beyond it;
-    2. the row is cut into ``PREFILTER_ROWS`` pieces and each piece gives its ``c`` most extreme
-       values (one multi-threaded ``topk`` over short rows, ``c`` ≈ 3x its share of ``k``);
-       a piece whose ``c``-th value is still beyond ``t`` is kept whole;
-    3. so every value beyond ``t`` is a candidate; if at least ``k`` candidates lie beyond ``t``,
-       the ``k`` extreme candidates are exactly the ``k`` extreme values of the row (same values,
-       same order); otherwise the plain ``topk`` runs.
-
-    NaNs count as largest, as in ``topk``/``kthvalue``.
-    """
-    n = x.shape[dim]
-    if x.device.type != "cpu" or x.numel() != n or n < PREFILTER_MIN_N or k * 32 > n:
-        return torch.topk(x, k, dim=dim, largest=largest, sorted=True).values
-    flat = x.reshape(-1)
-    sample = flat[SAMPLE_STRIDE // 2::SAMPLE_STRIDE]
-    m = sample.numel()
-    expected = k * m / n  # rank of the k-th extreme value inside the sample
-    k_s = min(m, int(math.ceil(2.0 * expected + 4.0 * math.sqrt(expected) + 8)))
-    t = torch.topk(sample, k_s, largest=largest, sorted=True).values[-1]
-
-    def beyond(v: torch.Tensor) -> torch.Tensor:  # v >= t (NaN included) / v <= t
-        return torch.lt(v, t).logical_not_() if largest else torch.le(v, t)
-
-    length = n // PREFILTER_ROWS
-    body = flat[:PREFILTER_ROWS * length].view(PREFILTER_ROWS, length)
-    share = k / PREFILTER_ROWS
-    c = min(length, int(math.ceil(3.0 * share + 6.0 * math.sqrt(share) + 16)))
-    tops = torch.topk(body, c, dim=1, largest=largest, sorted=False).values  # (P, c)
-    edge = tops.amin(dim=1) if largest else tops.amax(dim=1)  # each piece's c-th extreme value
-    whole = beyond(edge)  # such a piece may hold more than c values beyond t: keep all of it
-    rest = flat[PREFILTER_ROWS * length:]
-    if int(whole.sum()) * 4 > PREFILTER_ROWS and not bool(torch.isnan(t)):
-        # many pieces tie with t (e.g. the zeros after a ReLU): only values strictly beyond t
-        # need sorting, the remaining places are copies of t itself
-        values = _tail_with_ties(flat, body, tops, edge, rest, t, k, largest)
-    else:
-        candidates = torch.cat([tops[~whole].reshape(-1), body[whole].reshape(-1), rest])
-        values = None
-        if int(beyond(candidates).sum()) >= k:
-            values = torch.topk(candidates, k, largest=largest, sorted=True).values
-    if values is None:  # the sample was unlucky: no shortcut
-        values = torch.topk(flat, k, largest=largest, sorted=True).values
-    shape = list(x.shape)
-    shape[dim] = k
-    return values.reshape(shape)
-
-
-def _tail_with_ties(flat: torch.Tensor, body: torch.Tensor, tops: torch.Tensor, edge: torch.Tensor,
-                    rest: torch.Tensor, t: torch.Tensor, k: int, largest: bool) -> Optional[torch.Tensor]:
-    """The ``k`` extreme values of ``flat`` when many values equal the threshold ``t``.
-
-    ``body``: ``flat`` cut into pieces ``(P, L)``, ``tops`` their ``c`` extreme values ``(P, c)``,
-    ``edge`` each piece's ``c``-th extreme value, ``rest`` the values after the pieces. A piece whose
-    ``c``-th extreme value is not strictly beyond ``t`` holds all its strictly-beyond values in its
-    ``tops``; so the strictly-beyond values of the row are all among the candidates. If fewer than
-    ``k``, the sorted result is those values followed by copies of ``t`` (equal values: the same
-    result as ``topk``), provided the row holds enough values equal to ``t``. Returns None when the
-    shortcut does not apply (NaNs in the row, too few values at or beyond ``t``).
-    """
-    def strictly(v: torch.Tensor) -> torch.Tensor:
-        return torch.gt(v, t) if largest else torch.lt(v, t)
-
-    if bool(torch.isnan(flat).any()):  # NaNs sort as largest: leave them to topk
-        return None
-    whole = strictly(edge)
-    candidates = torch.cat([tops[~whole].reshape(-1), body[whole].reshape(-1), rest])
-    n_strict = int(strictly(candidates).sum())
-    if n_strict >= k:
-        return torch.topk(candidates, k, largest=largest, sorted=True).values
-    if n_strict + int(torch.eq(flat, t).sum()) < k:
-        return None
-    head = torch.topk(candidates, n_strict, largest=largest, sorted=True).values
-    return torch.cat([head, t.reshape(1).expand(k - n_strict)])
+    """``torch.topk(x, k, dim, largest, sorted=True).values`` of one tail (see :func:`_tails_topk`)."""
+    top, bottom = _tails_topk(x, k if largest else 0, 0 if largest else k, dim)
+    return top if largest else bottom
 
 
 def _quantile_rank(q: float, n: int, dtype: torch.dtype) -> tuple[int, int, float]:
@@ -182,8 +200,8 @@ def exact_quantiles(x: torch.Tensor, qs: Sequence[float], dim: int = -1,
     def use_topk(k: int) -> bool:
         return method == "topk" or (method == "auto" and k <= max(1.0, n * TOPK_MAX_FRACTION))
 
-    top = _tail_topk(x, k_upper, dim, largest=True) if upper and use_topk(k_upper) else None
-    bottom = _tail_topk(x, k_lower, dim, largest=False) if lower and use_topk(k_lower) else None
+    top, bottom = _tails_topk(x, k_upper if upper and use_topk(k_upper) else 0,
+                              k_lower if lower and use_topk(k_lower) else 0, dim)
 
     def order_stat(i: int, j: int) -> torch.Tensor:
         """The (j+1)-th smallest value along ``dim`` (0-based ``j``), for quantile ``i``."""
@@ -236,23 +254,76 @@ def _broadcast_shape(x: torch.Tensor, channel_wise: bool, channel_dim: int) -> l
     return shape
 
 
-def uniform_fake_quant(x: torch.Tensor, delta: torch.Tensor, zero_point: torch.Tensor,
-                       n_bits: int, out: Optional[torch.Tensor] = None,
-                       zero_point_number: Optional[float] = None) -> torch.Tensor:
-    """``(clamp(round(x/Δ) + z, 0, 2^b-1) - z)·Δ``; ``delta``/``zero_point`` broadcast to ``x``.
+def _in_pieces(fn: Callable[..., torch.Tensor], x: torch.Tensor, params: Sequence[torch.Tensor],
+               out: Optional[torch.Tensor] = None, sq_err: bool = False) -> Optional[torch.Tensor]:
+    """``fn(x_piece, *param_pieces, out=out_piece)`` over cache-sized pieces of ``x``, then
+    ``(out - x)²`` in place per piece when ``sq_err``; returns ``out`` (allocated like ``x`` if None).
 
-    Evaluated as ``clamp(round(x/Δ), -z, 2^b-1-z)·Δ`` with in-place ops (same values, fewer passes).
-    ``out``: optional preallocated result tensor of the broadcast shape (reused buffers).
-    ``zero_point_number``: ``float(zero_point)`` of a one-element zero point, already on the host
-    (the quantizer caches it): the clamp then takes Python-number bounds, whose vectorised CPU
-    kernel is about 4x faster than broadcast tensor bounds. The bounds are the same values: the
-    exact ``q_max - z`` rounded once to the tensor dtype, which is what the float subtraction gives.
+    ``fn`` must be elementwise with ``params`` broadcast to ``x``. Returns None (the caller runs the
+    whole-tensor ops) unless ``x`` is a plain contiguous CPU tensor of at least
+    ``2 * CPU_PIECE_NUMEL`` elements, outside autograd, with ``params`` (and ``out``) of its dtype
+    and each param either one element or sliceable along ``x``'s first dimension.
     """
+    if (type(x) is not torch.Tensor or x.device.type != "cpu" or x.dim() == 0
+            or x.numel() < 2 * CPU_PIECE_NUMEL or not x.is_contiguous()
+            or (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)))
+            or any(type(p) is not torch.Tensor or p.dtype != x.dtype or p.device != x.device
+                   or p.dim() > x.dim() for p in params)
+            or (out is not None and (out.shape != x.shape or out.dtype != x.dtype
+                                     or not out.is_contiguous()))):
+        return None
+    if all(p.numel() == 1 for p in params):  # per tensor: any cut of the flat tensor
+        xs, ps = x.view(-1), [p.reshape(()) for p in params]
+        step, sliced = CPU_PIECE_NUMEL, [False] * len(ps)
+    else:  # cut along the first dimension; a param spanning it is cut alike
+        ps = [p.view([1] * (x.dim() - p.dim()) + list(p.shape)) for p in params]
+        if x.shape[0] < 2 or any(s not in (1, n) for p in ps for s, n in zip(p.shape, x.shape)):
+            return None
+        xs, step = x, max(1, CPU_PIECE_NUMEL // (x.numel() // x.shape[0]))
+        sliced = [p.shape[0] == x.shape[0] != 1 for p in ps]
+    out = torch.empty_like(x) if out is None else out
+    os_ = out.view(xs.shape)
+    for i in range(0, xs.shape[0], step):
+        xp, op = xs[i:i + step], os_[i:i + step]
+        fn(xp, *[p[i:i + step] if s else p for p, s in zip(ps, sliced)], out=op)
+        if sq_err:
+            op.sub_(xp).pow_(2)
+    return out
+
+
+def _uniform_fq(x: torch.Tensor, delta: torch.Tensor, zero_point: torch.Tensor, n_bits: int,
+                out: Optional[torch.Tensor], zero_point_number: Optional[float]) -> torch.Tensor:
+    """The whole-tensor ops of :func:`uniform_fake_quant`."""
     q = torch.div(x, delta, out=out).round_() if out is not None else torch.div(x, delta).round_()
     q_max = 2 ** n_bits - 1
     if zero_point_number is not None:
         return q.clamp_(-zero_point_number, q_max - zero_point_number).mul_(delta)
     return q.clamp_(-zero_point, q_max - zero_point).mul_(delta)
+
+
+def uniform_fake_quant(x: torch.Tensor, delta: torch.Tensor, zero_point: torch.Tensor,
+                       n_bits: int, out: Optional[torch.Tensor] = None,
+                       zero_point_number: Optional[float] = None, sq_err: bool = False) -> torch.Tensor:
+    """``(clamp(round(x/Δ) + z, 0, 2^b-1) - z)·Δ``; ``delta``/``zero_point`` broadcast to ``x``.
+
+    Evaluated as ``clamp(round(x/Δ), -z, 2^b-1-z)·Δ`` with in-place ops (same values, fewer passes),
+    piece by piece on large CPU tensors (``CPU_PIECE_NUMEL``; same values).
+    ``out``: optional preallocated result tensor of the broadcast shape (reused buffers).
+    ``zero_point_number``: ``float(zero_point)`` of a one-element zero point, already on the host
+    (the quantizer caches it): the clamp then takes Python-number bounds, whose vectorised CPU
+    kernel is about 4x faster than broadcast tensor bounds. The bounds are the same values: the
+    exact ``q_max - z`` rounded once to the tensor dtype, which is what the float subtraction gives.
+    ``sq_err``: return the elementwise squared error ``(x̂ - x)²`` instead of ``x̂`` (same ops as
+    ``(x̂ - x).pow(2)``; the calibration's candidate errors).
+    """
+    def fn(xp: torch.Tensor, d: torch.Tensor, z: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return _uniform_fq(xp, d, z, n_bits, out, zero_point_number)
+
+    done = _in_pieces(fn, x, (delta, zero_point), out, sq_err)
+    if done is not None:
+        return done
+    q = _uniform_fq(x, delta, zero_point, n_bits, out, zero_point_number)
+    return q.sub_(x).pow_(2) if sq_err else q
 
 
 def _cpu_number(t: torch.Tensor) -> Optional[float]:
@@ -516,7 +587,7 @@ class UniformQuantizer(_LazyQuantizer):
                                                             self.n_bits).mean(dim=1)
             elif buf is not None:  # calibration: reading a per-tensor z on the host is fine here
                 err = uniform_fake_quant(rows, delta[:, None], zero[:, None], self.n_bits, out=buf,
-                                         zero_point_number=_cpu_number(zero)).sub_(rows).pow_(2).mean(dim=1)
+                                         zero_point_number=_cpu_number(zero), sq_err=True).mean(dim=1)
             else:
                 err = (uniform_fake_quant(rows, delta[:, None], zero[:, None], self.n_bits) - rows
                        ).pow(2).mean(dim=1)
@@ -556,17 +627,43 @@ class PercentileQuantizer(UniformQuantizer):
         return super().candidate_ranges(rows)
 
 
-def log_sqrt2_fake_quant(x: torch.Tensor, delta: torch.Tensor, n_bits: int,
-                         out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``q = round(-2·log2(x/Δ))``; ``q ≥ 2^b`` → 0, else ``x̂ = Δ·2^(-clamp(q, 0, 2^b-1)/2)``.
+#: Per bit width b ≤ 7: 2^-(2^(b-1)+1), an x/Δ the log-√2 quantizer drops (q = 2^b + 2); see
+#: :func:`log_sqrt2_fake_quant` (for b = 8 it would be a denormal, so no floor is used).
+_LOG_FLOOR: dict[int, float] = {b: 2.0 ** -(2 ** (b - 1) + 1) for b in range(2, 8)}
 
-    Zeros (and underflow) map to 0; values above Δ map to Δ. ``x`` must be non-negative.
-    ``out``: optional preallocated result tensor (reused buffers).
-    """
+
+def _log_sqrt2_fq(x: torch.Tensor, delta: torch.Tensor, n_bits: int,
+                  out: Optional[torch.Tensor]) -> torch.Tensor:
+    """The whole-tensor ops of :func:`log_sqrt2_fake_quant`."""
     q = torch.div(x, delta, out=out) if out is not None else torch.div(x, delta)
+    if q.device.type == "cpu" and n_bits <= 7:
+        # CPU log2 takes a slow path ~10x slower per element on 0 and denormals (the masked entries of
+        # shifted-window attention). Every x/Δ below LOG_FLOOR[b] = 2^-(2^(b-1)+1) is dropped anyway
+        # (q ≥ 2^b + 2), so raising it to that floor, a normal number whose log2 is exact, changes no
+        # result (NaN stays NaN; x must be non-negative).
+        q = q.clamp_(min=_LOG_FLOOR[n_bits])
     q = q.log2_().mul_(-2.0).round_()
     dropped = q >= 2 ** n_bits  # includes +inf from x == 0
     return q.clamp_(min=0.0).mul_(-0.5).exp2_().mul_(delta).masked_fill_(dropped, 0.0)
+
+
+def log_sqrt2_fake_quant(x: torch.Tensor, delta: torch.Tensor, n_bits: int,
+                         out: Optional[torch.Tensor] = None, sq_err: bool = False) -> torch.Tensor:
+    """``q = round(-2·log2(x/Δ))``; ``q ≥ 2^b`` → 0, else ``x̂ = Δ·2^(-clamp(q, 0, 2^b-1)/2)``.
+
+    Zeros (and underflow) map to 0; values above Δ map to Δ. ``x`` must be non-negative.
+    ``out``: optional preallocated result tensor (reused buffers). ``sq_err``: return ``(x̂ - x)²``
+    instead (the calibration's candidate errors). Large CPU tensors run piece by piece
+    (``CPU_PIECE_NUMEL``; same values).
+    """
+    def fn(xp: torch.Tensor, d: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return _log_sqrt2_fq(xp, d, n_bits, out)
+
+    done = _in_pieces(fn, x, (delta,), out, sq_err)
+    if done is not None:
+        return done
+    q = _log_sqrt2_fq(x, delta, n_bits, out)
+    return q.sub_(x).pow_(2) if sq_err else q
 
 
 def _log_sqrt2_fake_quant_pure(x: torch.Tensor, delta: torch.Tensor, n_bits: int) -> torch.Tensor:
@@ -608,7 +705,7 @@ class LogSqrt2Quantizer(_LazyQuantizer):
             if fused:
                 err = _FusedFakeQuant.get("log2_sq_err")(flat, delta, self.n_bits).mean()
             else:
-                err = log_sqrt2_fake_quant(flat, delta, self.n_bits, out=buf).sub_(flat).pow_(2).mean()
+                err = log_sqrt2_fake_quant(flat, delta, self.n_bits, out=buf, sq_err=True).mean()
             if best_err is None:
                 best_err, best_delta = err, delta
             else:  # strict: ties keep the earlier candidate; no host read of the errors

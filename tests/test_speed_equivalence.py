@@ -4,9 +4,12 @@
   code, on whole calibrated models (every quantizer buffer, every output bit);
 * the calibrated (and QwT-compensated) forward reads no tensor on the host
   (no ``.item()``/``bool(tensor)``/``torch.equal``), and hits the quantized-weight cache;
-* ``torch.compile``-fused fake quantization == eager fake quantization, bit for bit.
+* ``torch.compile``-fused fake quantization == eager fake quantization, bit for bit;
+* the CPU paths (piecewise fake quantization and candidate errors, the log-√2 floor, both quantile
+  tails in one pass) == the whole-tensor formulas, bit for bit.
 """
 import copy
+import math
 
 import pytest
 import torch
@@ -215,3 +218,133 @@ def test_host_zero_point_follows_in_place_changes():
     q.load_state_dict(other.state_dict())
     assert q._zero_point_number() == float(other.zero_point)
     assert torch.equal(q(x), other(x))
+
+
+def _log_sqrt2_reference(x, delta, n_bits):
+    """The log-√2 fake quantization as first written: no floor, whole tensor."""
+    q = torch.div(x, delta).log2_().mul_(-2.0).round_()
+    dropped = q >= 2 ** n_bits
+    return q.clamp_(min=0.0).mul_(-0.5).exp2_().mul_(delta).masked_fill_(dropped, 0.0)
+
+
+def _uniform_reference(x, delta, zero_point, n_bits):
+    return (torch.clamp(torch.round(x / delta) + zero_point, 0, 2 ** n_bits - 1) - zero_point) * delta
+
+
+def _bitwise_equal(a, b):
+    return (a.dtype == b.dtype and a.shape == b.shape
+            and torch.equal(a.view(torch.int32 if a.dtype == torch.float32 else torch.int64),
+                            b.view(torch.int32 if b.dtype == torch.float32 else torch.int64)))
+
+
+def test_log_floor_changes_no_value():
+    """The CPU floor under x/Δ (avoids log2's slow path on 0 / denormals) drops exactly what the
+    unfloored quantizer drops: every bit width, values at and next to every power of √2, zeros,
+    denormals, -0.0, NaN, inf; signs of zero included."""
+    g = torch.Generator().manual_seed(5)
+    grid = torch.exp2(-torch.arange(0, 300, 0.25))
+    x = torch.cat([torch.rand(200_000, generator=g), torch.zeros(1000), torch.full((1000,), 1e-40),
+                   torch.exp2(-torch.rand(200_000, generator=g) * 140), grid,
+                   grid.nextafter(torch.tensor(0.0)), grid.nextafter(torch.tensor(1.0)),
+                   torch.tensor([float("nan"), float("inf"), -0.0, 1e-45])])
+    for n_bits in range(2, 9):
+        for d in (1.0, 0.37, 1e-3, 3.0):
+            delta = torch.tensor(d)
+            ours = qz.log_sqrt2_fake_quant(x, delta, n_bits)
+            assert _bitwise_equal(ours, _log_sqrt2_reference(x, delta, n_bits)), (n_bits, d)
+
+
+@pytest.mark.parametrize("case", ["per_tensor", "channel_last", "channel_first", "float64"])
+def test_piecewise_fake_quant_is_bit_identical(case, monkeypatch):
+    """Large CPU tensors are fake-quantized piece by piece (``CPU_PIECE_NUMEL``): same bits as the
+    whole-tensor ops (and the same values as the textbook formula), for x̂, for the candidate
+    error (x̂ - x)² and with a preallocated out."""
+    g = torch.Generator().manual_seed(6)
+    dtype = torch.float64 if case == "float64" else torch.float32
+    x = (torch.randn(6, 70, 24, generator=g) * 3).to(dtype)
+    if case in ("per_tensor", "float64"):
+        delta, zero = torch.tensor(0.21, dtype=dtype), torch.tensor(7.0, dtype=dtype)
+    elif case == "channel_last":
+        delta = (torch.rand(1, 1, 24, generator=g) + 0.05).to(dtype)
+        zero = torch.randint(0, 15, (1, 1, 24), generator=g).to(dtype)
+    else:
+        delta = (torch.rand(6, 1, 1, generator=g) + 0.05).to(dtype)
+        zero = torch.randint(0, 15, (6, 1, 1), generator=g).to(dtype)
+    p = torch.softmax(x.float(), -1)
+    p[:, :, :5] = 0.0  # masked attention entries
+    d = torch.tensor(0.4)
+
+    def run() -> list[torch.Tensor]:
+        out = torch.empty_like(x)
+        results = [qz.uniform_fake_quant(x, delta, zero, 4),
+                   qz.uniform_fake_quant(x, delta, zero, 4, out=out),
+                   qz.uniform_fake_quant(x, delta, zero, 4, sq_err=True)]
+        assert results[1] is out
+        if delta.numel() == 1:
+            results += [qz.uniform_fake_quant(x, delta, zero, 4, zero_point_number=7.0),
+                        qz.log_sqrt2_fake_quant(p, d, 4), qz.log_sqrt2_fake_quant(p, d, 4, sq_err=True)]
+        return results
+
+    monkeypatch.setattr(qz, "CPU_PIECE_NUMEL", 1 << 40)
+    whole = run()
+    assert torch.equal(whole[0], _uniform_reference(x, delta, zero, 4))
+    monkeypatch.setattr(qz, "CPU_PIECE_NUMEL", 1000)
+    assert qz._in_pieces(lambda *a, out: out, x, (delta, zero)) is not None  # the piece path runs
+    for k, (ours, ref) in enumerate(zip(run(), whole)):
+        assert _bitwise_equal(ours, ref), k
+
+
+def test_piecewise_path_declines_what_it_cannot_cut(monkeypatch):
+    """Autograd, mixed dtypes, non-contiguous input and small tensors take the whole-tensor ops."""
+    monkeypatch.setattr(qz, "CPU_PIECE_NUMEL", 100)
+    x = torch.randn(8, 300)
+    d = torch.tensor(0.1)
+    noop = lambda *a, out: out  # noqa: E731
+    assert qz._in_pieces(noop, x, (d,)) is not None
+    assert qz._in_pieces(noop, x[:, :150], (d,)) is None  # not contiguous
+    assert qz._in_pieces(noop, x[:1, :150].contiguous(), (d,)) is None  # small
+    assert qz._in_pieces(noop, x, (d.double(),)) is None  # dtype promotion would differ
+    assert qz._in_pieces(noop, x.requires_grad_(), (d,)) is None  # autograd
+    with torch.no_grad():
+        assert qz._in_pieces(noop, x, (d,)) is not None
+    assert qz._in_pieces(noop, torch.randn(8, 300), (torch.rand(8, 2)[:, :1].T,)) is None
+
+
+@pytest.mark.parametrize("kind", ["vit", "swin", "resnet"])
+def test_piecewise_calibration_and_forward_equal_whole_tensor(kind, monkeypatch):
+    """Whole models: calibration state and fake-quant outputs with tiny pieces == whole tensors."""
+    monkeypatch.setattr(qz, "PREFILTER_MIN_N", 2048)
+    monkeypatch.setattr(qz, "CPU_PIECE_NUMEL", 1 << 40)
+    ref, x = _calibrated(kind)
+    monkeypatch.setattr(qz, "CPU_PIECE_NUMEL", 777)
+    ours, _ = _calibrated(kind)
+    _assert_same_state(ours.model, ref.model)
+    with torch.no_grad():
+        assert torch.equal(ours.model(x), ref.model(x))
+
+
+@pytest.mark.parametrize("piece", [1 << 40, 5000])
+def test_both_tails_at_once_equal_topk(piece, monkeypatch):
+    """One pass for both tails (thresholds from a sample, candidates gathered piece by piece):
+    the same values as two ``topk`` calls, with heavy tails, ties, NaNs, a cluster of outliers
+    and tails of different lengths (or one tail only)."""
+    monkeypatch.setattr(qz, "CPU_PIECE_NUMEL", piece)
+    g = torch.Generator().manual_seed(8)
+    n = qz.PREFILTER_MIN_N + 12345
+    normal = torch.randn(n, generator=g)
+    clustered = normal.clone()
+    clustered[5000:9000] -= 80.0
+    nan = normal.clone()
+    nan[[3, 99_999]] = float("nan")
+    cases = {"normal": normal, "cauchy": torch.tan(math.pi * (torch.rand(n, generator=g) - 0.5)),
+             "ties": torch.randint(-2, 3, (n,), generator=g).float(), "relu": torch.relu(normal),
+             "clustered": clustered, "nan": nan, "constant": torch.full((n,), 0.5)}
+    for name, x in cases.items():
+        for k_up, k_lo in ((n // 1000 + 2, n // 1000 + 2), (263, 3), (0, 400), (51, 0)):
+            top, bottom = qz._tails_topk(x, k_up, k_lo, 0)
+            for got, k, largest in ((top, k_up, True), (bottom, k_lo, False)):
+                if k == 0:
+                    assert got is None
+                    continue
+                ref = torch.topk(x, k, largest=largest).values
+                assert torch.equal(got.nan_to_num(123.0), ref.nan_to_num(123.0)), (name, k, largest)
