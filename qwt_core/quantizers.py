@@ -643,8 +643,12 @@ def _log_sqrt2_fq(x: torch.Tensor, delta: torch.Tensor, n_bits: int,
         # result (NaN stays NaN; x must be non-negative).
         q = q.clamp_(min=_LOG_FLOOR[n_bits])
     q = q.log2_().mul_(-2.0).round_()
-    dropped = q >= 2 ** n_bits  # includes +inf from x == 0
-    return q.clamp_(min=0.0).mul_(-0.5).exp2_().mul_(delta).masked_fill_(dropped, 0.0)
+    # keep = clamp(2^b - q, 0, 1): 1 where kept, 0 where dropped (q ≥ 2^b, incl. +inf from x == 0),
+    # exact for the integer-valued q; NaN stays NaN. ×keep instead of a boolean mask and
+    # masked_fill_(dropped, 0): float ops only, several times faster on CPU, and the same bits for
+    # Δ > 0 (a dropped value is Δ·2^(-q/2), finite and ≥ 0, times 0 = +0.0; kept ones times 1)
+    keep = torch.rsub(q, 2 ** n_bits).clamp_(0.0, 1.0)
+    return q.clamp_(min=0.0).mul_(-0.5).exp2_().mul_(delta).mul_(keep)
 
 
 def log_sqrt2_fake_quant(x: torch.Tensor, delta: torch.Tensor, n_bits: int,
@@ -667,7 +671,8 @@ def log_sqrt2_fake_quant(x: torch.Tensor, delta: torch.Tensor, n_bits: int,
 
 
 def _log_sqrt2_fake_quant_pure(x: torch.Tensor, delta: torch.Tensor, n_bits: int) -> torch.Tensor:
-    """Out-of-place form of :func:`log_sqrt2_fake_quant` (same ops, same order) for ``torch.compile``."""
+    """Out-of-place form of :func:`log_sqrt2_fake_quant` for ``torch.compile`` (the same values, tested bit
+    for bit; a ``where`` for the dropped values and no floor under x/Δ, which did not speed it up)."""
     q = torch.round(torch.log2(x / delta) * -2.0)
     value = torch.exp2(torch.clamp(q, min=0.0) * -0.5) * delta
     return torch.where(q >= 2 ** n_bits, torch.zeros_like(value), value)
