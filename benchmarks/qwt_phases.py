@@ -1,0 +1,173 @@
+"""Where the QwT stage's time goes, against one FP forward over the same images (one run).
+
+``qwt_core.compensate`` runs, for every block, the quantized block and the FP block over the QwT
+calibration set, accumulates the float64 moments ``AᵀA``, ``AᵀY`` of the least-squares fit, solves
+it and applies the compensation. This benchmark times those phases separately (wall clock, device
+synchronised around each timed call) for DeiT-S, Swin-T (RepQ-ViT) and ResNet-50 (Percentile),
+W4A4, random weights at 224², and prints each phase as a multiple of one FP forward over the set:
+
+* ``quantized blocks`` / ``FP blocks``: the two block passes (the stage's floor: they are what
+  compensation is computed from, so ``QwT / FP`` cannot fall below their sum);
+* ``moments``: the fitter's ``update`` (float64 products, as DESIGN.md requires);
+* ``solve``: the fitter's ``fit`` (eigendecomposition, held-out gate, ridge grid);
+* ``other``: block-0 inputs, compensation applied to the next block's input, bookkeeping.
+
+The phases are timed by wrapping the functions ``apply_qwt`` calls, restored afterwards; the model
+and the numbers are those of an ordinary ``compensate`` call. Each figure is the minimum over
+``--reps`` fresh quantized copies (FP forwards timed next to each).
+
+Usage: ``python benchmarks/qwt_phases.py [--models ...] [--device cpu|cuda] [--reps 2]
+[--qwt_size 64] [--output outputs/bench/qwt_phases.json]``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import os
+import sys
+import time
+import warnings
+from collections import defaultdict
+from typing import Callable, Iterator
+
+import timm
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for p in (ROOT, os.path.join(ROOT, "benchmarks")):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import qwt_core  # noqa: E402
+import qwt_core.compensation as comp  # noqa: E402
+import qwt_core.qwt as qwt_mod  # noqa: E402
+from qwt_core.cpu_heap import retain_cpu_heap  # noqa: E402
+from qwt_core.model_io import atomic_write_json  # noqa: E402
+from speed import ADAPTERS, _forward_all, _images, _sync, _timed  # noqa: E402
+
+PHASES = ("quantized blocks", "FP blocks", "moments", "solve", "other")
+
+
+@contextlib.contextmanager
+def phase_timers(device: torch.device, totals: dict[str, float]) -> Iterator[Callable]:
+    """Wrap the fitters' ``update``/``fit`` and ``quant_disabled`` for the duration; yields a
+    ``run_block`` wrapper factory that books block passes as FP or quantized."""
+    fp_pass = {"on": False}
+    saved: list[tuple[object, str, object]] = []
+
+    def patch(owner: object, attr: str, key: str) -> None:
+        orig = getattr(owner, attr)
+        saved.append((owner, attr, orig))
+
+        def timed(*a, **k):
+            _sync(device)
+            t = time.perf_counter()
+            out = orig(*a, **k)
+            _sync(device)
+            totals[key] += time.perf_counter() - t
+            return out
+        setattr(owner, attr, timed)
+
+    for cls in (comp.TokenLeastSquares, comp.GroupedConvLeastSquares):
+        patch(cls, "update", "moments")
+        patch(cls, "fit", "solve")
+    quant_disabled = qwt_mod.quant_disabled
+
+    @contextlib.contextmanager
+    def marked(block):
+        fp_pass["on"] = True
+        try:
+            with quant_disabled(block):
+                yield
+        finally:
+            fp_pass["on"] = False
+    qwt_mod.quant_disabled = marked
+
+    def wrap_run(run: Callable) -> Callable:
+        def run_block(i, block, x, **kw):
+            _sync(device)
+            t = time.perf_counter()
+            out = run(i, block, x, **kw)
+            _sync(device)
+            totals["FP blocks" if fp_pass["on"] else "quantized blocks"] += time.perf_counter() - t
+            return out
+        return run_block
+    try:
+        yield wrap_run
+    finally:
+        qwt_mod.quant_disabled = quant_disabled
+        for owner, attr, orig in reversed(saved):
+            setattr(owner, attr, orig)
+
+
+def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict:
+    method, adapter = ADAPTERS[name]
+    torch.manual_seed(args.seed)
+    fp = timm.create_model(name, pretrained=False).eval().to(device)
+    calib = _images(args.calib_size, args.seed, device)
+    batches = list(_images(args.qwt_size, args.seed + 2, device).split(args.batch_size))
+    _forward_all(fp, [calib[:4]])
+    qm0 = adapter(copy.deepcopy(fp), args.w_bits, args.a_bits)
+    qwt_core.calibrate_repq(qm0, calib)
+    best: dict[str, float] = {}
+    for _ in range(args.reps):
+        qm = copy.deepcopy(qm0)
+        fp_a = _timed(lambda: _forward_all(fp, batches), device)
+        totals: dict[str, float] = defaultdict(float)
+        with phase_timers(device, totals) as wrap_run:
+            qm.run_block = wrap_run(qm.run_block or qwt_mod._default_run_block)
+            stage = _timed(lambda: qwt_core.compensate(qm, batches, progress=False), device)
+        fp_b = _timed(lambda: _forward_all(fp, batches), device)
+        sample = dict(totals, stage=stage, fp=(fp_a + fp_b) / 2)
+        sample["other"] = stage - sum(totals[k] for k in PHASES if k != "other")
+        best = sample if not best or sample["stage"] / sample["fp"] < best["stage"] / best["fp"] else best
+        del qm
+    ratios = {k: best[k] / best["fp"] for k in (*PHASES, "stage")}
+    return {"model": name, "method": method, "device": device.type, "seconds": best, "ratios": ratios,
+            "floor_two_passes": ratios["quantized blocks"] + ratios["FP blocks"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=list(ADAPTERS), choices=list(ADAPTERS))
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--calib_size", type=int, default=32)
+    p.add_argument("--qwt_size", type=int, default=64)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--w_bits", type=int, default=4)
+    p.add_argument("--a_bits", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default=os.path.join(ROOT, "outputs", "bench", "qwt_phases.json"))
+    args = p.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible; use --device cpu")
+    for v, n in ((args.reps, "reps"), (args.qwt_size, "qwt_size"), (args.batch_size, "batch_size"),
+                 (args.threads, "threads"), (args.calib_size, "calib_size")):
+        if v < 1:
+            raise SystemExit(f"--{n}={v}: must be at least 1")
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        retain_cpu_heap()
+    warnings.filterwarnings("ignore", message=r"QwT block .* fit rows")
+    rows = [measure(name, args, device) for name in args.models]
+    head = f"{'model':<30} " + " ".join(f"{k:>16}" for k in PHASES) + f" {'QwT / FP':>9} {'2 passes':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['model']:<30} " + " ".join(f"{r['ratios'][k]:15.2f}x" for k in PHASES)
+                     + f" {r['ratios']['stage']:8.2f}x {r['floor_two_passes']:8.2f}x")
+    lines.append(f"(multiples of one FP forward over the {args.qwt_size} QwT images; {device.type}, "
+                 f"{args.threads} threads, W{args.w_bits}A{args.a_bits}, best of {args.reps}; "
+                 "'2 passes' = quantized + FP blocks, the floor of the stage)")
+    table = "\n".join(lines)
+    print(table)
+    atomic_write_json(args.output, {"torch": torch.__version__, "timm": timm.__version__,
+                                    "settings": vars(args), "rows": rows, "table": table})
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
