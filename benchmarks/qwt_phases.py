@@ -122,7 +122,6 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict:
         sample = dict(totals, stage=stage, fp=(fp_a + fp_b) / 2)
         sample["other"] = stage - sum(totals[k] for k in PHASES if k != "other")
         best = sample if not best or sample["stage"] / sample["fp"] < best["stage"] / best["fp"] else best
-        del qm
     ratios = {k: best[k] / best["fp"] for k in (*PHASES, "stage")}
     return {"model": name, "method": method, "device": device.type, "seconds": best, "ratios": ratios,
             "floor_two_passes": ratios["quantized blocks"] + ratios["FP blocks"]}

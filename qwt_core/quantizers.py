@@ -116,6 +116,7 @@ def _tails_topk(x: torch.Tensor, k_upper: int, k_lower: int,
     t_hi, t_lo = threshold(k_upper, True), threshold(k_lower, False)
     if any(t is not None and bool(torch.isnan(t)) for t in (t_hi, t_lo)):
         return plain(k_upper, True), plain(k_lower, False)  # a NaN threshold selects nothing useful
+
     def beyond(piece: torch.Tensor) -> torch.Tensor:
         """Values of ``piece`` strictly beyond a threshold (NaN is never inside: it counts as largest)."""
         inside = torch.le(piece, t_hi) if t_hi is not None else None
@@ -276,7 +277,7 @@ def _in_pieces(fn: Callable[..., torch.Tensor], x: torch.Tensor, params: Sequenc
         xs, ps = x.view(-1), [p.reshape(()) for p in params]
         step, sliced = CPU_PIECE_NUMEL, [False] * len(ps)
     else:  # cut along the first dimension; a param spanning it is cut alike
-        ps = [p.view([1] * (x.dim() - p.dim()) + list(p.shape)) for p in params]
+        ps = [p.reshape([1] * (x.dim() - p.dim()) + list(p.shape)) for p in params]
         if x.shape[0] < 2 or any(s not in (1, n) for p in ps for s, n in zip(p.shape, x.shape)):
             return None
         xs, step = x, max(1, CPU_PIECE_NUMEL // (x.numel() // x.shape[0]))
