@@ -47,7 +47,7 @@ def validate_bits(n_bits: int, name: str = "n_bits") -> int:
 #: ``exact_quantiles`` reads order statistics from one ``topk`` per tail when a tail needs at most
 #: this fraction of the row (``torch.topk`` keeps a heap of that size); otherwise ``kthvalue``.
 TOPK_MAX_FRACTION = 1 / 16
-#: A single row of at least this many values is prefiltered before ``topk`` (see ``_tail_topk``).
+#: A single row of at least this many values is prefiltered before ``topk`` (see ``_tails_topk``).
 PREFILTER_MIN_N = 1 << 18
 #: Strides of the sample that sets the prefilter thresholds (primes, so that a stride cycles through
 #: channel layouts): the smallest one giving at most ``SAMPLE_MAX`` sampled values is used.
@@ -292,6 +292,16 @@ def _in_pieces(fn: Callable[..., torch.Tensor], x: torch.Tensor, params: Sequenc
     return out
 
 
+def _elementwise(fn: Callable[..., torch.Tensor], x: torch.Tensor, params: Sequence[torch.Tensor],
+                 out: Optional[torch.Tensor] = None, sq_err: bool = False) -> torch.Tensor:
+    """``fn(x, *params, out=out)`` (or ``(that - x)²`` when ``sq_err``): piece by piece where
+    :func:`_in_pieces` takes ``x``, else on the whole tensor. Same values either way."""
+    done = _in_pieces(fn, x, params, out, sq_err)
+    if done is not None:
+        return done
+    q = fn(x, *params, out=out)
+    return q.sub_(x).pow_(2) if sq_err else q
+
 def _uniform_fq(x: torch.Tensor, delta: torch.Tensor, zero_point: torch.Tensor, n_bits: int,
                 out: Optional[torch.Tensor], zero_point_number: Optional[float]) -> torch.Tensor:
     """The whole-tensor ops of :func:`uniform_fake_quant`."""
@@ -317,14 +327,10 @@ def uniform_fake_quant(x: torch.Tensor, delta: torch.Tensor, zero_point: torch.T
     ``sq_err``: return the elementwise squared error ``(x̂ - x)²`` instead of ``x̂`` (same ops as
     ``(x̂ - x).pow(2)``; the calibration's candidate errors).
     """
-    def fn(xp: torch.Tensor, d: torch.Tensor, z: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def fn(xp: torch.Tensor, d: torch.Tensor, z: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
         return _uniform_fq(xp, d, z, n_bits, out, zero_point_number)
 
-    done = _in_pieces(fn, x, (delta, zero_point), out, sq_err)
-    if done is not None:
-        return done
-    q = _uniform_fq(x, delta, zero_point, n_bits, out, zero_point_number)
-    return q.sub_(x).pow_(2) if sq_err else q
+    return _elementwise(fn, x, (delta, zero_point), out, sq_err)
 
 
 def _cpu_number(t: torch.Tensor) -> Optional[float]:
@@ -661,14 +667,10 @@ def log_sqrt2_fake_quant(x: torch.Tensor, delta: torch.Tensor, n_bits: int,
     instead (the calibration's candidate errors). Large CPU tensors run piece by piece
     (``CPU_PIECE_NUMEL``; same values).
     """
-    def fn(xp: torch.Tensor, d: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def fn(xp: torch.Tensor, d: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
         return _log_sqrt2_fq(xp, d, n_bits, out)
 
-    done = _in_pieces(fn, x, (delta,), out, sq_err)
-    if done is not None:
-        return done
-    q = _log_sqrt2_fq(x, delta, n_bits, out)
-    return q.sub_(x).pow_(2) if sq_err else q
+    return _elementwise(fn, x, (delta,), out, sq_err)
 
 
 def _log_sqrt2_fake_quant_pure(x: torch.Tensor, delta: torch.Tensor, n_bits: int) -> torch.Tensor:
