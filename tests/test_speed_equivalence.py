@@ -348,3 +348,66 @@ def test_both_tails_at_once_equal_topk(piece, monkeypatch):
                     continue
                 ref = torch.topk(x, k, largest=largest).values
                 assert torch.equal(got.nan_to_num(123.0), ref.nan_to_num(123.0)), (name, k, largest)
+
+
+@pytest.mark.parametrize("groups,rank_deficient", [(1, False), (1, True), (3, False)])
+def test_heldout_grid_in_eigenbasis_equals_per_lambda_residuals(groups, rank_deficient):
+    """The ridge grid's held-out residuals, evaluated in the eigenbasis of the fit rows, equal the
+    direct quadratic form ``Stats.ss_res(theta(λ))`` for every λ (incl. 0, with a null space, per
+    group), and the selected λ and fit are those of the per-λ loop."""
+    from qwt_core.compensation import RIDGE_GRID, GroupedConvLeastSquares, TokenLeastSquares, _CentredSystem
+
+    g = torch.Generator().manual_seed(7)
+    if groups == 1:
+        x = torch.randn(40, 9, 24, generator=g) * torch.logspace(-2, 1, 24) + 3.0
+        if rank_deficient:
+            x[..., 5] = 2 * x[..., 3] - x[..., 7]  # an exact linear dependence: a null direction
+        y = x @ torch.randn(24, 16, generator=g) * 0.1 + torch.randn(40, 9, 16, generator=g)
+        fitter = TokenLeastSquares(24, 16)
+    else:
+        x = torch.randn(40, 6, 5, 5, generator=g) + 1.0
+        y = 0.3 * x.repeat(1, 2, 1, 1) + torch.randn(40, 12, 5, 5, generator=g)
+        fitter = GroupedConvLeastSquares(6, 12, 1, kernel_size=3, group_channels=2)
+    fitter.update(x, y, heldout=torch.arange(40) % 4 == 1)
+    fit_s, val = fitter.stats("fit"), fitter.stats("heldout")
+    system = _CentredSystem(fit_s.ata, fit_s.aty, 1e-10)
+    assert (system.rank_deficiency > 0) == rank_deficient
+    lams = [c * system.scale for c in RIDGE_GRID]
+    fast = system.heldout_ss_res(val, lams)
+    direct = [val.ss_res(system.theta(lam)) for lam in lams]
+    assert fast == pytest.approx(direct, rel=1e-9)
+    assert min(range(len(fast)), key=fast.__getitem__) == min(range(len(direct)), key=direct.__getitem__)
+
+
+@pytest.mark.parametrize("k,stride", [(1, 1), (1, 2), (3, 1), (3, 2)])
+def test_conv_moments_equal_row_major_reference(k, stride):
+    """The conv fitter's moments (design matrix built transposed, products along contiguous rows)
+    equal the row-major unfold reference per group and part, to float64 rounding: AᵀA, AᵀY, Σy²
+    and the per-(channel, position) sums over samples that the published R² uses."""
+    import torch.nn.functional as F
+    from qwt_core.compensation import GroupedConvLeastSquares
+
+    g = torch.Generator().manual_seed(11)
+    b, c_in, c_out, hw, groups = 8, 6, 9, 7, 3
+    x = torch.randn(b, c_in, hw, hw, generator=g)
+    out = (hw + 2 * (k // 2) - k) // stride + 1
+    y = torch.randn(b, c_out, out, out, generator=g) + torch.arange(c_out * out * out).reshape(
+        1, c_out, out, out) * 0.01  # a different mean per (channel, position)
+    held = torch.arange(b) % 4 == 1
+    fitter = GroupedConvLeastSquares(c_in, c_out, stride, kernel_size=k, group_channels=2)
+    assert fitter.groups == groups
+    fitter.update(x, y, heldout=held)
+    for part, sel in ((0, ~held), (1, held)):
+        xs, ys = x[sel].double(), y[sel].double()
+        cols = F.unfold(xs, k, padding=k // 2, stride=stride)  # (n, C_in·k², L)
+        n, _, length = cols.shape
+        per, m = c_in // groups * k * k, c_out // groups
+        for gi in range(groups):
+            a = cols[:, gi * per:(gi + 1) * per].permute(0, 2, 1).reshape(-1, per)
+            a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], 1)
+            t = ys[:, gi * m:(gi + 1) * m].reshape(n, m, -1).permute(0, 2, 1).reshape(-1, m)
+            for got, want in ((fitter.ata[part][gi], a.T @ a), (fitter.aty[part][gi], a.T @ t)):
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-12 * float(want.abs().max()))
+        assert float(fitter.yy[part]) == pytest.approx(float(ys.pow(2).sum()), rel=1e-13)
+        torch.testing.assert_close(fitter.y_pos_sum[part], ys.sum(0), rtol=1e-13, atol=1e-12)
+        assert float(fitter.n_samples[part]) == n
