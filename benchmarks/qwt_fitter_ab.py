@@ -36,7 +36,7 @@ import qwt_core.compensation as current  # noqa: E402
 import qwt_core.qwt as qwt_mod  # noqa: E402
 from qwt_core.cpu_heap import retain_cpu_heap  # noqa: E402
 from qwt_core.model_io import atomic_write_json  # noqa: E402
-from speed import ADAPTERS, _images, _timed  # noqa: E402
+from speed import ADAPTERS, _images, _timed, add_setup_arguments, require_positive  # noqa: E402
 
 FITTERS = ("TokenLeastSquares", "GroupedConvLeastSquares")
 
@@ -103,21 +103,10 @@ def measure(name: str, variants: dict[str, ModuleType], args: argparse.Namespace
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", required=True, help="git revision whose qwt_core/compensation.py is 'before'")
-    p.add_argument("--models", nargs="+", default=list(ADAPTERS), choices=list(ADAPTERS))
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--calib_size", type=int, default=32)
-    p.add_argument("--qwt_size", type=int, default=64)
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--w_bits", type=int, default=4)
-    p.add_argument("--a_bits", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
+    add_setup_arguments(p, reps=3)
     p.add_argument("--output", default=os.path.join(ROOT, "outputs", "bench", "qwt_fitter_ab.json"))
     args = p.parse_args()
-    for v, n in ((args.reps, "reps"), (args.qwt_size, "qwt_size"), (args.batch_size, "batch_size"),
-                 (args.threads, "threads"), (args.calib_size, "calib_size")):
-        if v < 1:
-            raise SystemExit(f"--{n}={v}: must be at least 1")
+    require_positive(args)
     variants = {"before": load_base(args.base), "after": current}
     torch.set_num_threads(args.threads)
     retain_cpu_heap()

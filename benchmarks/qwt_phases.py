@@ -44,7 +44,8 @@ import qwt_core.compensation as comp  # noqa: E402
 import qwt_core.qwt as qwt_mod  # noqa: E402
 from qwt_core.cpu_heap import retain_cpu_heap  # noqa: E402
 from qwt_core.model_io import atomic_write_json  # noqa: E402
-from speed import ADAPTERS, _forward_all, _images, _sync, _timed  # noqa: E402
+from speed import (ADAPTERS, _forward_all, _images, _sync, _timed, add_setup_arguments,  # noqa: E402
+                   require_positive)
 
 PHASES = ("quantized blocks", "FP blocks", "moments", "solve", "other")
 
@@ -129,24 +130,13 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=list(ADAPTERS), choices=list(ADAPTERS))
+    add_setup_arguments(p, reps=2)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--reps", type=int, default=2)
-    p.add_argument("--calib_size", type=int, default=32)
-    p.add_argument("--qwt_size", type=int, default=64)
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--w_bits", type=int, default=4)
-    p.add_argument("--a_bits", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=os.path.join(ROOT, "outputs", "bench", "qwt_phases.json"))
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible; use --device cpu")
-    for v, n in ((args.reps, "reps"), (args.qwt_size, "qwt_size"), (args.batch_size, "batch_size"),
-                 (args.threads, "threads"), (args.calib_size, "calib_size")):
-        if v < 1:
-            raise SystemExit(f"--{n}={v}: must be at least 1")
+    require_positive(args)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cpu":

@@ -177,24 +177,38 @@ def format_table(rows: list[dict], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_setup_arguments(p: argparse.ArgumentParser, reps: int) -> None:
+    """Models, threads, repetitions, set sizes, bits and seed: the arguments ``speed.py``,
+    ``qwt_phases.py`` and ``qwt_fitter_ab.py`` share."""
     p.add_argument("--models", nargs="+", default=list(ADAPTERS), choices=list(ADAPTERS))
-    p.add_argument("--device", nargs="+", default=None, choices=["cpu", "cuda"],
-                   help="devices to measure (default: cpu, plus cuda when available)")
-    p.add_argument("--modes", nargs="+", default=["eager", "fused"], choices=["eager", "fused"],
-                   help="fake-quant kernels: eager PyTorch ops and/or torch.compile-fused")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--stat", choices=["min", "median"], default="min",
-                   help="summary of each time over the repetitions (default: min, the least disturbed)")
+    p.add_argument("--reps", type=int, default=reps)
     p.add_argument("--calib_size", type=int, default=32, help="RepQ-ViT calibration batch")
-    p.add_argument("--eval_size", type=int, default=32)
     p.add_argument("--qwt_size", type=int, default=64, help="QwT calibration images (paper: 512)")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--w_bits", type=int, default=4)
     p.add_argument("--a_bits", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+
+
+def require_positive(args: argparse.Namespace, *names: str) -> None:
+    """One-line exit for a count argument below 1 (the shared ones, plus ``names``)."""
+    for n in ("reps", "threads", "calib_size", "qwt_size", "batch_size", *names):
+        v = getattr(args, n)
+        if v < 1:
+            raise SystemExit(f"--{n}={v}: must be at least 1")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_setup_arguments(p, reps=3)
+    p.add_argument("--device", nargs="+", default=None, choices=["cpu", "cuda"],
+                   help="devices to measure (default: cpu, plus cuda when available)")
+    p.add_argument("--modes", nargs="+", default=["eager", "fused"], choices=["eager", "fused"],
+                   help="fake-quant kernels: eager PyTorch ops and/or torch.compile-fused")
+    p.add_argument("--stat", choices=["min", "median"], default="min",
+                   help="summary of each time over the repetitions (default: min, the least disturbed)")
+    p.add_argument("--eval_size", type=int, default=32)
     p.add_argument("--cpu_heap", choices=["retain", "system"], default="retain",
                    help="retain (default, as the command lines do on CPU): keep freed memory in the heap "
                         "(qwt_core.cpu_heap); system: glibc's own trimming and mmap of large blocks")
@@ -203,10 +217,7 @@ def main() -> None:
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     if "cuda" in devices and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible; drop it or run on a GPU machine")
-    for v, n in ((args.reps, "reps"), (args.calib_size, "calib_size"), (args.eval_size, "eval_size"),
-                 (args.qwt_size, "qwt_size"), (args.batch_size, "batch_size"), (args.threads, "threads")):
-        if v < 1:
-            raise SystemExit(f"--{n}={v}: must be at least 1")
+    require_positive(args, "eval_size")
     torch.set_num_threads(args.threads)
     if args.cpu_heap == "retain":
         try:
