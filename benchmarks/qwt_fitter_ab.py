@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from types import ModuleType
 
@@ -36,7 +37,7 @@ import qwt_core.compensation as current  # noqa: E402
 import qwt_core.qwt as qwt_mod  # noqa: E402
 from qwt_core.cpu_heap import retain_cpu_heap  # noqa: E402
 from qwt_core.model_io import atomic_write_json  # noqa: E402
-from speed import ADAPTERS, _images, _timed, add_setup_arguments, require_positive  # noqa: E402
+from speed import add_setup_arguments, calibrated_for_qwt, require_positive  # noqa: E402
 
 FITTERS = ("TokenLeastSquares", "GroupedConvLeastSquares")
 
@@ -71,13 +72,7 @@ def use_fitters(module: ModuleType) -> None:
 
 
 def measure(name: str, variants: dict[str, ModuleType], args: argparse.Namespace) -> dict:
-    _, adapter = ADAPTERS[name]
-    device = torch.device("cpu")
-    torch.manual_seed(args.seed)
-    fp = timm.create_model(name, pretrained=False).eval()
-    q0 = adapter(copy.deepcopy(fp), args.w_bits, args.a_bits)
-    qwt_core.calibrate_repq(q0, _images(args.calib_size, args.seed, device))
-    batches = list(_images(args.qwt_size, args.seed + 2, device).split(args.batch_size))
+    _, q0, batches = calibrated_for_qwt(name, args, torch.device("cpu"))
     seconds: dict[str, list[float]] = {k: [] for k in variants}
     reports = {}
     try:
@@ -85,10 +80,9 @@ def measure(name: str, variants: dict[str, ModuleType], args: argparse.Namespace
             for tag, module in variants.items():
                 use_fitters(module)
                 qm = copy.deepcopy(q0)
-                holder = {}
-                seconds[tag].append(_timed(lambda: holder.update(
-                    r=qwt_core.compensate(qm, batches, progress=False)), device))
-                reports[tag] = holder["r"]
+                start = time.perf_counter()
+                reports[tag] = qwt_core.compensate(qm, batches, progress=False)
+                seconds[tag].append(time.perf_counter() - start)
     finally:
         use_fitters(current)
     before, after = reports["before"].blocks, reports["after"].blocks

@@ -44,8 +44,8 @@ import qwt_core.compensation as comp  # noqa: E402
 import qwt_core.qwt as qwt_mod  # noqa: E402
 from qwt_core.cpu_heap import retain_cpu_heap  # noqa: E402
 from qwt_core.model_io import atomic_write_json  # noqa: E402
-from speed import (ADAPTERS, _forward_all, _images, _sync, _timed, add_setup_arguments,  # noqa: E402
-                   require_positive)
+from speed import (ADAPTERS, _forward_all, _sync, _timed, add_setup_arguments,  # noqa: E402
+                   calibrated_for_qwt, require_positive)
 
 PHASES = ("quantized blocks", "FP blocks", "moments", "solve", "other")
 
@@ -103,14 +103,8 @@ def phase_timers(device: torch.device, totals: dict[str, float]) -> Iterator[Cal
 
 
 def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict:
-    method, adapter = ADAPTERS[name]
-    torch.manual_seed(args.seed)
-    fp = timm.create_model(name, pretrained=False).eval().to(device)
-    calib = _images(args.calib_size, args.seed, device)
-    batches = list(_images(args.qwt_size, args.seed + 2, device).split(args.batch_size))
-    _forward_all(fp, [calib[:4]])
-    qm0 = adapter(copy.deepcopy(fp), args.w_bits, args.a_bits)
-    qwt_core.calibrate_repq(qm0, calib)
+    method = ADAPTERS[name][0]
+    fp, qm0, batches = calibrated_for_qwt(name, args, device)
     best: dict[str, float] = {}
     for _ in range(args.reps):
         qm = copy.deepcopy(qm0)

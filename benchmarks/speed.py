@@ -84,6 +84,21 @@ def _images(n: int, seed: int, device: torch.device) -> torch.Tensor:
     return torch.randn(n, 3, 224, 224, generator=g).to(device)
 
 
+def calibrated_for_qwt(name: str, args: argparse.Namespace, device: torch.device):
+    """``(fp, qm, qwt_batches)`` for the QwT-stage benchmarks (``qwt_phases.py``,
+    ``qwt_fitter_ab.py``): the FP model (warmed up), a RepQ-ViT/Percentile-calibrated quantized copy
+    (to deep-copy per run) and the QwT images cut into batches; seeded like :func:`measure_model`."""
+    _, adapter = ADAPTERS[name]
+    torch.manual_seed(args.seed)
+    fp = timm.create_model(name, pretrained=False).eval().to(device)
+    calib = _images(args.calib_size, args.seed, device)
+    batches = list(_images(args.qwt_size, args.seed + 2, device).split(args.batch_size))
+    _forward_all(fp, [calib[:4]])  # warm-up (allocator, kernels)
+    qm = adapter(copy.deepcopy(fp), args.w_bits, args.a_bits)
+    qwt_core.calibrate_repq(qm, calib)
+    return fp, qm, batches
+
+
 def measure_model(name: str, mode: str, args: argparse.Namespace, device: torch.device) -> dict:
     """All three ratios for one architecture and fake-quant mode; ``reps`` fresh quantized copies,
     summarised by --stat. ``mode``: ``"eager"`` or ``"fused"`` (``torch.compile``-fused quantizers, compiled
