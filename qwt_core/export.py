@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import itertools
 import math
 import os
 import tempfile
@@ -694,11 +695,15 @@ def build_export_module(model: nn.Module, round_zero_points: bool = False,
     """A copy of ``model`` whose quant layers are replaced by their QDQ export form, and the plan.
 
     The copy computes the same function as ``model`` (in eager mode too) and is what
-    ``torch.onnx.export`` traces. ``model`` is not modified.
+    ``torch.onnx.export`` traces. It is on the CPU, where the graph is traced (a model on a GPU is
+    copied to the CPU first: the export layers build their tables and integer grids with CPU
+    tensors). ``model`` is not modified.
     """
     if weight_dtype not in ("auto", "int8"):
         raise ExportError(f"weight_dtype={weight_dtype!r}: use 'auto' or 'int8'")
     _check_supported(model)
+    if any(t.device.type != "cpu" for t in itertools.chain(model.parameters(), model.buffers())):
+        model = copy.deepcopy(model).cpu()
     plans: list[LayerPlan] = []
     swaps: list[tuple[str, nn.Module]] = []
     for name, m in model.named_modules():

@@ -6,10 +6,12 @@ GPU machine.
 * the fused (``torch.compile``) fake-quant kernels give the eager CUDA values bit for bit;
 * a model quantized on the CPU runs on CUDA with the same outputs up to float rounding;
   calibration on CUDA is as good as on the CPU, and QwT on CUDA lowers the block errors;
-* the QwT moments are accumulated on the device, in float64.
+* the QwT moments are accumulated on the device, in float64;
+* a quantized model on the GPU exports the same ONNX graph as its CPU copy.
 """
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -149,3 +151,36 @@ def test_cuda_qwt_moments_stay_on_device_in_float64(kind, monkeypatch):
     qwt_core.calibrate_repq(qm, x)
     qwt_core.compensate(qm, [x[:2], x[2:]], progress=False)
     assert seen and all(s == {("cuda", torch.float64)} for s in seen), seen
+
+
+def test_cuda_model_exports_the_cpu_onnx(tmp_path):
+    """ONNX export of a quantized model that lives on the GPU (the command lines export after
+    calibrating on ``--device cuda``): the same graph weights as the export of its CPU copy, the
+    same predictions as the fake-quant model on the GPU; an int8 compensation calibrated on the GPU."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from onnx import numpy_helper
+
+    from qwt_core import export as qx
+
+    torch.manual_seed(0)
+    qm = qwt_core.quantize_timm_vit(tiny_vit(), 8, 8)
+    x = images(16, 32)
+    qwt_core.calibrate_repq(qm, x, integer_zero_point=True)
+    qwt_core.compensate(qm, [images(16, 32, seed=s) for s in (1, 2)], progress=False, gate="insample")
+    on_cuda = copy.deepcopy(qm.model).to(CUDA)
+    paths = {k: str(tmp_path / f"{k}.onnx") for k in ("cpu", "cuda", "int8")}
+    qx.export_onnx(qm.model, x[:2], paths["cpu"])
+    qx.export_onnx(on_cuda, x[:2].to(CUDA), paths["cuda"])
+    assert all(t.device.type == "cuda" for t in on_cuda.parameters())  # the model stays where it was
+    inits = [{t.name: numpy_helper.to_array(t) for t in onnx.load(paths[k]).graph.initializer}
+             for k in ("cpu", "cuda")]
+    assert inits[0].keys() == inits[1].keys()
+    for name, value in inits[0].items():
+        assert np.array_equal(value, inits[1][name]), name
+    res = qx.compare_onnx(paths["cuda"], on_cuda, images(32, 32, seed=3))
+    assert res["identical"] >= 0.97, res
+    report = qx.export_onnx(on_cuda, x[:2].to(CUDA), paths["int8"], compensation="int8",
+                            calib_images=x.to(CUDA))
+    assert any(".compensation" in p.name and p.integer for p in report.layers), report.summary()
