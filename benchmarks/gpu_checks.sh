@@ -1,23 +1,28 @@
 #!/usr/bin/env bash
 # Every GPU check of the speed work in one prepared run, for a GPU machine lent for a few minutes:
-#   tests   tests/test_cuda.py: no GPU synchronisation in the calibrated forward (eager and fused),
-#           fused == eager fake quantization bit for bit on CUDA, a CPU-quantized model runs the same
-#           on CUDA, CUDA calibration as good as the CPU's, QwT moments on the device in float64;
+#   tests   tests/test_cuda.py but its whole-model compile tests: no GPU synchronisation in the
+#           calibrated forward (eager and fused), fused == eager fake quantization bit for bit on CUDA,
+#           a CPU-quantized model runs the same on CUDA, CUDA calibration as good as the CPU's, QwT
+#           moments on the device in float64, ONNX export of a GPU model;
 #   speed   benchmarks/speed.py --device cuda (calibration / evaluation / QwT stage vs FP forwards,
 #           eager and fused) -> speed_cuda.json;
 #   phases  benchmarks/qwt_phases.py --device cuda (where the QwT stage's time goes) on 64 and on 512
 #           QwT images (the papers' set; on a GPU the per-block solve is a fixed cost, so the ratio
-#           depends on the size) -> qwt_phases_cuda_64.json, qwt_phases_cuda_512.json.
+#           depends on the size) -> qwt_phases_cuda_64.json, qwt_phases_cuda_512.json;
+#   compiled (not in the default run: a second call if time is left) the whole-model compile tests of
+#           tests/test_cuda.py, then benchmarks/compile_ab.py on CUDA: evaluation through torch.compile
+#           of the whole quantized model vs eager -> compile_ab_cuda.json.
 #
 #   bash benchmarks/gpu_checks.sh [STEP ...]        (default: tests speed phases)
 #
 # Writes to $OUT when set (the device tool's folder), else outputs/bench/gpu/: a log per step, the
 # JSON files and summary.txt (versions, then one line per step: exit status and seconds); 8 files.
-# Each step runs under its own time limit (GPU_CHECKS_LIMITS="tests=120 speed=270 phases=150",
+# Each step runs under its own time limit (GPU_CHECKS_LIMITS="tests=120 speed=270 phases=90 compiled=450",
 # seconds; phases per size), so that a hung step cannot take the others' time. Needs python3 with
 # torch, timm and pytest (PYTHON=... to choose one); the repository goes first on PYTHONPATH, so
-# nothing is installed. Arguments for speed.py: SPEED_ARGS (default "--modes eager fused --reps 3
-# --qwt_size 512 --eval_size 128"). Exit status 0 only if every step passed.
+# nothing is installed. Arguments for speed.py: SPEED_ARGS (default "--modes eager fused --reps 2
+# --qwt_size 512 --eval_size 128"; it writes its JSON after every row, so a step stopped at its
+# limit still leaves the rows done). Exit status 0 only if every step passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,10 +30,10 @@ PY=${PYTHON:-python3}
 DEST=${OUT:-outputs/bench/gpu}
 STEPS=("$@")
 (( ${#STEPS[@]} )) || STEPS=(tests speed phases)
-declare -A LIMIT=([tests]=120 [speed]=270 [phases]=150)
+declare -A LIMIT=([tests]=120 [speed]=270 [phases]=90 [compiled]=450)
 for kv in ${GPU_CHECKS_LIMITS:-}; do LIMIT[${kv%%=*}]=${kv#*=}; done
 for s in "${STEPS[@]}"; do
-    [[ -n "${LIMIT[$s]:-}" ]] || { echo "gpu_checks.sh: unknown step '$s' (steps: tests speed phases)" >&2; exit 2; }
+    [[ -n "${LIMIT[$s]:-}" ]] || { echo "gpu_checks.sh: unknown step '$s' (steps: tests speed phases compiled)" >&2; exit 2; }
 done
 mkdir -p "$DEST" || exit 2
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -51,11 +56,14 @@ run_step() {  # log name, limit key, command...: output to the screen and to DES
 
 for s in "${STEPS[@]}"; do
     case $s in
-        tests)  run_step tests tests "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py ;;
+        tests)  run_step tests tests "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py -k "not whole_model" ;;
         # shellcheck disable=SC2086
         speed)  run_step speed speed "$PY" benchmarks/speed.py --device cuda \
-                    ${SPEED_ARGS:---modes eager fused --reps 3 --qwt_size 512 --eval_size 128} \
+                    ${SPEED_ARGS:---modes eager fused --reps 2 --qwt_size 512 --eval_size 128} \
                     --output "$DEST/speed_cuda.json" ;;
+        compiled) run_step compiled compiled bash -c '"$0" -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+                    -k whole_model && "$0" benchmarks/compile_ab.py --device cuda --eval_size 128 --output "$1"' \
+                    "$PY" "$DEST/compile_ab_cuda.json" ;;
         phases) for n in 64 512; do
                     run_step "phases_$n" phases "$PY" benchmarks/qwt_phases.py --device cuda --qwt_size "$n" \
                         --output "$DEST/qwt_phases_cuda_$n.json"

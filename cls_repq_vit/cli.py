@@ -22,7 +22,8 @@ from torch import nn
 
 import qwt_core
 from qwt_core.adapters.base import QuantizedModel
-from qwt_core.cli_options import add_qwt_arguments, add_speed_arguments, apply_speed_arguments, qwt_overrides
+from qwt_core.cli_options import (add_qwt_arguments, add_speed_arguments, apply_speed_arguments,
+                                  compiled_for_eval, qwt_overrides)
 from qwt_core.cpu_heap import cpu_heap_mode
 from qwt_core.distributed import is_main_process
 
@@ -89,7 +90,7 @@ def build_parser(choices: Optional[list[str]] = None, description: str = "") -> 
                         "(what a deployment runs). Both use the RepQ-ViT MSE quantizers")
     add_qwt_arguments(p, default_note="the model's recipe: holdout for ViT/DeiT/Swin, insample with "
                                       "λ 1e-3 for the published ResNet recipe; insample reproduces the papers")
-    add_speed_arguments(p)
+    add_speed_arguments(p, compile_model=True)
     p.add_argument("--eval_fp", action="store_true", help="also evaluate the full-precision model")
     p.add_argument("--skip_qwt", action="store_true", help="stop after the baseline quantization")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cuda:N or cpu")
@@ -270,6 +271,7 @@ def _run(args: argparse.Namespace, spec: ModelSpec, rank: int, world: int, devic
          t_total: float) -> dict[str, Any]:
     seed_everything(args.seed)
     progress = not args.no_progress
+    compile_eval = bool(getattr(args, "compile_model", False))
     bits = f"W{args.w_bit}A{args.a_bit}" + (f" ({args.act_mode})" if args.act_mode else "")
     timings: dict[str, float] = {}
     results: dict[str, Any] = {
@@ -278,6 +280,7 @@ def _run(args: argparse.Namespace, spec: ModelSpec, rank: int, world: int, devic
         "repq_calib_size": args.repq_calib_size, "start_block": args.start_block, "seed": args.seed,
         "integer_zero_point": args.integer_zero_point, "world_size": world, "device": str(device),
         "fused_fake_quant": bool(getattr(args, "fused_fake_quant", False)),
+        "compile_model": bool(getattr(args, "compile_model", False)),
         "cpu_heap": cpu_heap_mode(), "torch": torch.__version__, "python": platform.python_version(),
         "accuracy": {}, "timings_s": timings}
     baseline = BASELINE_NAME[spec.family]
@@ -300,7 +303,7 @@ def _run(args: argparse.Namespace, spec: ModelSpec, rank: int, world: int, devic
         val = cls_data.val_loader(args.data_dir, spec, args.img_size, args.batch_size, args.workers,
                                   rank, world)
         label = f"{baseline} + QwT (loaded)" if meta.get("qwt") else f"{baseline} (loaded)"
-        acc = evaluate(qm.model, val, device, label, progress)
+        acc = evaluate(compiled_for_eval(qm.model, compile_eval), val, device, label, progress)
         results["accuracy"]["loaded"] = acc.to_dict()
         results["loaded_meta"] = meta
         rows.append((label, acc))
@@ -330,7 +333,7 @@ def _run(args: argparse.Namespace, spec: ModelSpec, rank: int, world: int, devic
     results["calib_source"] = args.calib_source
 
     if args.eval_fp:
-        acc = evaluate(model, val, device, "FP32", progress)
+        acc = evaluate(compiled_for_eval(model, compile_eval), val, device, "FP32", progress)
         timings["eval_fp"] = acc.seconds
         results["accuracy"]["fp32"] = acc.to_dict()
         rows.append(("FP32", acc))
@@ -345,7 +348,7 @@ def _run(args: argparse.Namespace, spec: ModelSpec, rank: int, world: int, devic
     except RuntimeError as exc:
         raise SystemExit(f"error: {baseline} calibration failed: {exc}") from None
     timings["calibrate_" + baseline.lower().replace("-", "")] = time.perf_counter() - t
-    acc = evaluate(model, val, device, baseline, progress)
+    acc = evaluate(compiled_for_eval(model, compile_eval), val, device, baseline, progress)
     timings["eval_baseline"] = acc.seconds
     results["accuracy"]["baseline"] = acc.to_dict()
     results["baseline"] = baseline
@@ -364,7 +367,7 @@ def _run(args: argparse.Namespace, spec: ModelSpec, rank: int, world: int, devic
         results["qwt"] = report.to_dict()
         results["qwt_gate"], results["qwt_ridge"] = report.gate, report.ridge
         _log("QwT per-block R² (compensation applied when R² > 0):\n" + report.format_table())
-        acc = evaluate(model, val, device, f"{baseline} + QwT", progress)
+        acc = evaluate(compiled_for_eval(model, compile_eval), val, device, f"{baseline} + QwT", progress)
         timings["eval_qwt"] = acc.seconds
         results["accuracy"]["qwt"] = acc.to_dict()
         rows.append((f"{baseline} + QwT", acc))

@@ -26,9 +26,12 @@ class QuantLayerMixin:
         self.use_act_quant = act
 
     def quantized_weight(self) -> torch.Tensor:
-        """``Q_w(weight)``, cached until the weight or the weight quantizer changes."""
+        """``Q_w(weight)``, cached until the weight or the weight quantizer changes.
+
+        Inside ``torch.compile`` the quantized weight is part of the graph (the cache key reads data
+        pointers, which would split the graph at every layer)."""
         wq = self.weight_quantizer
-        if not wq.is_inited or torch.is_grad_enabled():
+        if not wq.is_inited or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return wq(self.weight)
         key = (self.weight.data_ptr(), self.weight._version, self.weight.dtype, wq.version)
         if getattr(self, "_wq_key", None) != key:

@@ -263,10 +263,11 @@ def _in_pieces(fn: Callable[..., torch.Tensor], x: torch.Tensor, params: Sequenc
     ``fn`` must be elementwise with ``params`` broadcast to ``x``. Returns None (the caller runs the
     whole-tensor ops) unless ``x`` is a plain contiguous CPU tensor of at least
     ``2 * CPU_PIECE_NUMEL`` elements, outside autograd, with ``params`` (and ``out``) of its dtype
-    and each param either one element or sliceable along ``x``'s first dimension.
+    and each param either one element or sliceable along ``x``'s first dimension, and not inside
+    ``torch.compile`` (which fuses the ops into one pass itself).
     """
-    if (type(x) is not torch.Tensor or x.device.type != "cpu" or x.dim() == 0
-            or x.numel() < 2 * CPU_PIECE_NUMEL or not x.is_contiguous()
+    if (torch.compiler.is_compiling() or type(x) is not torch.Tensor or x.device.type != "cpu"
+            or x.dim() == 0 or x.numel() < 2 * CPU_PIECE_NUMEL or not x.is_contiguous()
             or (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)))
             or any(type(p) is not torch.Tensor or p.dtype != x.dtype or p.device != x.device
                    or p.dim() > x.dim() for p in params)
@@ -403,9 +404,11 @@ def _fused_layout(x: torch.Tensor, param: torch.Tensor) -> Optional[tuple[torch.
     ``(C, 1)`` (per channel of dim 0). A non-contiguous input (e.g. ``kᵀ`` or ``v`` in attention,
     views into the qkv output) is passed as it is, per tensor only: inductor returns the strides
     eager PyTorch would (``keep_output_stride``), so the next matmul sees the same layout.
-    Parameters go to the eager ops (weights are quantized once and cached).
+    Parameters go to the eager ops (weights are quantized once and cached). None inside a
+    ``torch.compile`` of the model, which fuses the eager ops itself.
     """
-    if type(x) is not torch.Tensor or x.numel() == 0 or param.dim() > x.dim():
+    if (torch.compiler.is_compiling() or type(x) is not torch.Tensor or x.numel() == 0
+            or param.dim() > x.dim()):
         return None
     if not x.is_contiguous():
         return (x, []) if param.numel() == 1 else None
@@ -552,7 +555,10 @@ class UniformQuantizer(_LazyQuantizer):
     def _zero_point_number(self) -> Optional[float]:
         """The host copy of a one-element CPU zero point, cached by the tensor's identity and
         version (any in-place change or reassignment invalidates it); None otherwise. Filled at
-        calibration / load time, so a calibrated forward reads nothing from a tensor."""
+        calibration / load time, so a calibrated forward reads nothing from a tensor. None inside
+        ``torch.compile`` (the fused kernel takes tensor bounds: the same values)."""
+        if torch.compiler.is_compiling():
+            return None
         zp = self.zero_point
         key = (zp.data_ptr(), zp._version, zp.dtype)
         cached = self.__dict__.get("_zp_host")

@@ -227,6 +227,44 @@ def test_fused_fake_quant_without_compiler_is_one_line(data_dir, tmp_path, capsy
     assert "C++ compiler" in msg and not (tmp_path / "r.json").exists()
 
 
+def test_compile_model_flag_evaluates_through_torch_compile(data_dir, tmp_path, monkeypatch):
+    """--compile_model: every evaluation runs through torch.compile of the whole model (one graph;
+    counted here), the JSON says so, and the accuracies are the eager ones up to the rounding of
+    inductor's fused FP ops (at most one of the 21 images moves)."""
+    import json
+
+    import torch
+
+    compiled_calls = []
+    real_compile = torch.compile
+
+    def counting_compile(model, **kwargs):
+        compiled_calls.append(type(model).__name__)
+        return real_compile(model, **kwargs)
+
+    runs = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile_model"])):
+        out = tmp_path / f"{name}.json"
+        with monkeypatch.context() as m:
+            m.setattr(torch, "compile", counting_compile)
+            cli.main(base_argv("deit_small", data_dir, str(out)) + ["--batch_size", "7"] + extra)
+        runs[name] = json.loads(out.read_text())
+    assert compiled_calls == ["VisionTransformer", "VisionTransformer"]  # baseline, + QwT
+    assert runs["eager"]["compile_model"] is False and runs["compiled"]["compile_model"] is True
+    for method in ("baseline", "qwt"):
+        comp, eager = runs["compiled"]["accuracy"][method], runs["eager"]["accuracy"][method]
+        assert comp["count"] == eager["count"] == 21
+        assert abs(comp["top1"] - eager["top1"]) <= 100 / 21 + 1e-9, (method, comp, eager)
+
+
+def test_compile_model_without_compiler_is_one_line(data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no g++ / clang++ here
+    monkeypatch.delenv("CXX", raising=False)
+    argv = base_argv("deit_small", data_dir, str(tmp_path / "r.json")) + ["--compile_model"]
+    msg = _one_line_exit(argv, capsys)
+    assert "--compile_model" in msg and "C++ compiler" in msg and not (tmp_path / "r.json").exists()
+
+
 # ------------------------------------------------------------------------------ QwT gate / ridge
 def test_qwt_gate_flag_reaches_apply_qwt(data_dir, tmp_path):
     """--qwt_gate insample: the papers' rule (in-sample R², λ 0) reaches apply_qwt and the JSON."""

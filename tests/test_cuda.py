@@ -7,7 +7,9 @@ GPU machine.
 * a model quantized on the CPU runs on CUDA with the same outputs up to float rounding;
   calibration on CUDA is as good as on the CPU, and QwT on CUDA lowers the block errors;
 * the QwT moments are accumulated on the device, in float64;
-* a quantized model on the GPU exports the same ONNX graph as its CPU copy.
+* a quantized model on the GPU exports the same ONNX graph as its CPU copy;
+* ``torch.compile`` of the whole quantized model on the GPU: one graph, the eager values through
+  ``aot_eager``, and inductor's (Triton) build runs.
 """
 import copy
 
@@ -184,3 +186,23 @@ def test_cuda_model_exports_the_cpu_onnx(tmp_path):
     report = qx.export_onnx(on_cuda, x[:2].to(CUDA), paths["int8"], compensation="int8",
                             calib_images=x.to(CUDA))
     assert any(".compensation" in p.name and p.integer for p in report.layers), report.summary()
+
+
+@pytest.mark.parametrize("kind", ["vit", "swin", "resnet"])
+def test_cuda_whole_model_compiles_in_one_graph(kind):
+    make, adapter, size = ADAPTERS[kind]
+    torch.manual_seed(0)
+    qm = adapter(make().to(CUDA), 4, 4)
+    x = images(4, size, seed=3).to(CUDA)
+    qwt_core.calibrate_repq(qm, x)
+    qwt_core.compensate(qm, [x[:2], x[2:]], progress=False)
+    with torch.no_grad():
+        ref = qm.model(x)
+        torch._dynamo.reset()
+        try:
+            assert torch.equal(torch.compile(qm.model, backend="aot_eager", fullgraph=True)(x), ref)
+            torch._dynamo.reset()
+            out = torch.compile(qm.model, fullgraph=True)(x)
+        finally:
+            torch._dynamo.reset()
+    assert out.shape == ref.shape and bool(torch.isfinite(out).all())

@@ -5,6 +5,8 @@
 * the calibrated (and QwT-compensated) forward reads no tensor on the host
   (no ``.item()``/``bool(tensor)``/``torch.equal``), and hits the quantized-weight cache;
 * ``torch.compile``-fused fake quantization == eager fake quantization, bit for bit;
+* ``torch.compile`` of a whole calibrated (and compensated) model traces in one graph whose ops
+  give the eager outputs bit for bit;
 * the CPU paths (piecewise fake quantization and candidate errors, the log-√2 floor, both quantile
   tails in one pass) == the whole-tensor formulas, bit for bit.
 """
@@ -167,6 +169,27 @@ def test_fused_model_equals_eager_model(monkeypatch):
     _assert_same_state(fused.model, eager.model)
     with torch.no_grad():
         assert torch.equal(fused.model(x), eager.model(x))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("kind", ["vit", "swin", "resnet"])
+def test_whole_model_compiles_in_one_graph_with_the_same_outputs(kind, fused, monkeypatch):
+    """``torch.compile(qm.model)`` of a calibrated, QwT-compensated model traces in one graph (the
+    weight cache, the host zero point, the CPU pieces and the fused kernels step aside while
+    compiling), and the traced graph computes the eager outputs bit for bit (``aot_eager`` runs the
+    traced ops; inductor's own fusions of the FP ops round differently, see README "Speed")."""
+    monkeypatch.setattr(qz._FusedFakeQuant, "enabled", fused)
+    qm, x = _calibrated(kind)
+    qwt_core.compensate(qm, [x[:2], x[2:]], progress=False)
+    with torch.no_grad():
+        ref = qm.model(x)
+        torch._dynamo.reset()
+        try:
+            out = torch.compile(qm.model, backend="aot_eager", fullgraph=True)(x)
+        finally:
+            torch._dynamo.reset()
+        assert torch.equal(out, ref)
+        assert torch.equal(qm.model(x), ref)  # the eager model (and its caches) unchanged
 
 
 def test_fused_kernels_fail_loudly_past_their_graph_limit(monkeypatch):
