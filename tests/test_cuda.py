@@ -40,16 +40,22 @@ def _calibrated_pair_inputs(kind: str, n_images: int = 8, bits: int = 4):
     return fp, qm, images(n_images, size, seed=3), [images(4, size, seed=10 + i) for i in range(4)]
 
 
-@pytest.mark.parametrize("fused", [False, True])
-@pytest.mark.parametrize("kind", ["vit", "swin", "resnet"])
-def test_cuda_forward_never_synchronises(kind, fused, monkeypatch):
-    monkeypatch.setattr(qz._FusedFakeQuant, "enabled", fused)
+def _compensated_on_cuda(kind: str):
+    """``(qm, x)``: a tiny random-init model quantized W4A4, calibrated and compensated on CUDA."""
     make, adapter, size = ADAPTERS[kind]
     torch.manual_seed(0)
     qm = adapter(make().to(CUDA), 4, 4)
     x = images(4, size, seed=3).to(CUDA)
     qwt_core.calibrate_repq(qm, x)
     qwt_core.compensate(qm, [x[:2], x[2:]], progress=False)
+    return qm, x
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("kind", ["vit", "swin", "resnet"])
+def test_cuda_forward_never_synchronises(kind, fused, monkeypatch):
+    monkeypatch.setattr(qz._FusedFakeQuant, "enabled", fused)
+    qm, x = _compensated_on_cuda(kind)
     with torch.no_grad():
         qm.model(x)  # fills the quantized-weight caches (and compiles the fused kernels)
         torch.cuda.synchronize()
@@ -146,12 +152,7 @@ def test_cuda_qwt_moments_stay_on_device_in_float64(kind, monkeypatch):
             return out
 
         monkeypatch.setattr(cls, "update", recording)
-    make, adapter, size = ADAPTERS[kind]
-    torch.manual_seed(0)
-    qm = adapter(make().to(CUDA), 4, 4)
-    x = images(4, size, seed=3).to(CUDA)
-    qwt_core.calibrate_repq(qm, x)
-    qwt_core.compensate(qm, [x[:2], x[2:]], progress=False)
+    qm, x = _compensated_on_cuda(kind)
     assert seen and all(s == {("cuda", torch.float64)} for s in seen), seen
 
 
@@ -190,12 +191,7 @@ def test_cuda_model_exports_the_cpu_onnx(tmp_path):
 
 @pytest.mark.parametrize("kind", ["vit", "swin", "resnet"])
 def test_cuda_whole_model_compiles_in_one_graph(kind):
-    make, adapter, size = ADAPTERS[kind]
-    torch.manual_seed(0)
-    qm = adapter(make().to(CUDA), 4, 4)
-    x = images(4, size, seed=3).to(CUDA)
-    qwt_core.calibrate_repq(qm, x)
-    qwt_core.compensate(qm, [x[:2], x[2:]], progress=False)
+    qm, x = _compensated_on_cuda(kind)
     with torch.no_grad():
         ref = qm.model(x)
         torch._dynamo.reset()
