@@ -95,7 +95,7 @@ def add_speed_arguments(parser: argparse.ArgumentParser, compile_model: bool = F
     if compile_model:
         parser.add_argument("--compile_model", "--compile-model", dest="compile_model", action="store_true",
                             help="evaluate through torch.compile of the whole model (inductor, one graph): "
-                                 "faster evaluation on long runs (ResNet-50 W4A4 on CPU: 0.7x the eager FP "
+                                 "faster evaluation on long runs (ResNet-50 W4A4+QwT on CPU: 0.8x the eager FP "
                                  "forward), but not bit for bit: inductor's fused LayerNorm / softmax / GELU "
                                  "round differently and move a few values across quantization boundaries; "
                                  "compiling costs tens of seconds per model and batch shape (in the "
