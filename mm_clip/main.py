@@ -43,7 +43,8 @@ from mm_clip.ptq import PTQConfig, quantize_text, quantize_visual
 from mm_clip.wds_calib import DEFAULT_INDEX_CACHE, draw_samples, expand_shards, index_shards, read_pairs
 from mm_clip.zeroshot import build_zero_shot_classifier, evaluate_zero_shot
 from qwt_core import load_quantized, save_quantized, validate_bits
-from qwt_core.cli_options import add_qwt_arguments, add_speed_arguments, apply_speed_arguments, qwt_overrides
+from qwt_core.cli_options import (add_qwt_arguments, add_speed_arguments, apply_speed_arguments,
+                                  compiled_for_eval, qwt_overrides)
 from qwt_core.cpu_heap import cpu_heap_mode
 from qwt_core.adapters.open_clip import (PATCH_EMBED_INPUT_BITS, ZeroShotHead, quantize_open_clip_text,
                                          quantize_open_clip_visual, quantize_zero_shot_head)
@@ -102,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="round the reparameterized zero point (exact RepQ-ViT reparameterization)")
     p.add_argument("--start_block", type=int, default=0, help="QwT compensates blocks from this index on")
     add_qwt_arguments(p, default_note="holdout; insample reproduces the papers' rule (needs --qwerty)")
-    add_speed_arguments(p)
+    add_speed_arguments(p, compile_model=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None,
                    help="cpu, cuda, cuda:1 ... (default: cuda if available; under torchrun cuda:LOCAL_RANK)")
@@ -381,7 +382,8 @@ def _prepare(args: argparse.Namespace, rank: int, world: int, device: torch.devi
     check_val_dir(args.imagenet_val)
     results: dict[str, Any] = {"choice": args.choice, "device": str(device), "world_size": world,
                                "seed": args.seed, "templates": len(OPENAI_IMAGENET_TEMPLATES),
-                               "fused_fake_quant": bool(args.fused_fake_quant), "cpu_heap": cpu_heap_mode(),
+                               "fused_fake_quant": bool(args.fused_fake_quant),
+                               "compile_model": bool(args.compile_model), "cpu_heap": cpu_heap_mode(),
                                "torch": torch.__version__}
 
     if args.load_quantized:
@@ -500,7 +502,8 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
     model_name = results["model"]
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
                         sampler=ShardSampler(len(dataset), rank, world), pin_memory=device.type == "cuda")
-    results.update(evaluate_zero_shot(bundle, loader, device, progress=progress))
+    results.update(evaluate_zero_shot(compiled_for_eval(bundle, args.compile_model), loader, device,
+                                      progress=progress))
     results["seconds"] = time.perf_counter() - t_start
 
     if args.plot and is_main_process():

@@ -342,6 +342,28 @@ def test_image_only_with_qwerty_reduces_visual_error(clip_data, tmp_path):
     assert json.loads(out.read_text())["visual"]["block_errors"] == res["visual"]["block_errors"]
 
 
+def test_compile_model_evaluates_the_quantized_bundle_in_one_graph(clip_data, tmp_path, monkeypatch):
+    """--compile_model: the zero-shot evaluation runs through torch.compile of the quantized bundle,
+    which traces in one graph; the accuracy is the eager one up to inductor's rounding (at most one
+    of the 12 images moves)."""
+    compiled = []
+    real_compile = torch.compile
+
+    def one_graph_compile(model, **kwargs):
+        compiled.append(type(model).__name__)
+        return real_compile(model, fullgraph=True, **kwargs)  # a graph break raises
+
+    args = ["--batch-size", "6", "--iter", "1", "--repq-size", "8", "--wq_params", "4", "--aq_params", "4",
+            "--qwerty", "--seed", "1"]
+    eager = main(_base_args(clip_data, "image_only", tmp_path / "e.json") + args)
+    monkeypatch.setattr(torch, "compile", one_graph_compile)
+    comp = main(_base_args(clip_data, "image_only", tmp_path / "c.json") + args + ["--compile_model"])
+    assert compiled == ["ZeroShotCLIP"]
+    assert comp["compile_model"] is True and eager["compile_model"] is False
+    _assert_accuracy(comp)
+    assert abs(comp["top1"] - eager["top1"]) <= 100 / 12 + 1e-9, (comp["top1"], eager["top1"])
+
+
 def test_all_quant_with_qwerty_reduces_visual_and_text_error(clip_data, tmp_path):
     out = tmp_path / "all.json"
     res = main(_base_args(clip_data, "all_quant", out) +
