@@ -67,10 +67,12 @@ def test_cuda_forward_never_synchronises(kind, fused, monkeypatch):
         torch.cuda.synchronize()
 
 
-def _edge_values(n_bits_log: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _edge_values(n_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, attn)``: signed values with zeros, denormals and a huge one; attention-like values with
+    zeros, denormals and every power of √2 a ``n_bits`` log-√2 quantizer can hit, ± 1 ulp."""
     g = torch.Generator().manual_seed(7)
     x = torch.cat([torch.randn(300_000, generator=g) * 3, torch.tensor([0.0, -0.0, 1e-40, -1e-40, 1e30])])
-    grid = torch.exp2(-torch.arange(0, 2 ** n_bits_log + 4, 0.5))
+    grid = torch.exp2(-torch.arange(0, 2 ** n_bits + 4, 0.5))
     attn = torch.cat([torch.rand(300_000, generator=g), torch.zeros(1000), torch.full((100,), 1e-40),
                       grid, grid.nextafter(torch.tensor(0.0)), grid.nextafter(torch.tensor(1.0))])
     return x, attn
