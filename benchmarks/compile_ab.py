@@ -28,7 +28,6 @@ import copy
 import os
 import sys
 import time
-import warnings
 
 import timm
 import torch
@@ -39,10 +38,8 @@ for p in (ROOT, os.path.join(ROOT, "benchmarks")):
         sys.path.insert(0, p)
 
 import qwt_core  # noqa: E402
-from qwt_core.cpu_heap import retain_cpu_heap  # noqa: E402
 from qwt_core.model_io import atomic_write_json  # noqa: E402
-from speed import (ADAPTERS, _forward_all, _images, _timed, add_setup_arguments,  # noqa: E402
-                   require_positive)
+from speed import ADAPTERS, _forward_all, _images, _timed, add_setup_arguments, start_run  # noqa: E402
 
 VARIANTS = ("FP", "quant", "quant compiled", "FP compiled")
 
@@ -97,9 +94,9 @@ def format_table(rows: list[dict], args: argparse.Namespace) -> str:
                      f"{ra['FP compiled']:11.2f}x {r['compile_s']['quant compiled']:10.0f}  "
                      f"{c['rel_norm']:9.3g} rel, {100 * c['argmax_agreement']:5.1f} % top-1  "
                      f"{q['rel_norm']:9.3g} rel")
-    lines.append(f"(W{args.w_bits}A{args.a_bits} + QwT, random weights; {args.eval_size} evaluation images, batch "
-                 f"{args.batch_size}; minimum of {args.reps} alternating rounds; 'rel' = ‖Δ logits‖ / ‖logits‖; "
-                 "top-1 = argmax agreement)")
+    lines.append(f"(W{args.w_bits}A{args.a_bits} + QwT, random weights; {args.eval_size} evaluation images, "
+                 f"batch {args.batch_size}; minimum of {args.reps} alternating rounds; 'rel' = ‖Δ logits‖ / "
+                 "‖logits‖; top-1 = argmax agreement)")
     return "\n".join(lines)
 
 
@@ -110,17 +107,8 @@ def main() -> None:
     p.add_argument("--eval_size", type=int, default=32)
     p.add_argument("--output", default=os.path.join(ROOT, "outputs", "bench", "compile_ab.json"))
     args = p.parse_args()
-    require_positive(args, "eval_size")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible; drop it or run on a GPU machine")
-    torch.set_num_threads(args.threads)
+    start_run(args, [args.device], args.device == "cpu", "eval_size")  # CPU: heap kept, as the CLIs do
     device = torch.device(args.device)
-    if device.type == "cpu":
-        try:
-            retain_cpu_heap()  # as the command lines do on CPU
-        except RuntimeError as e:
-            raise SystemExit(f"error: {e}") from None
-    warnings.filterwarnings("ignore", message=r"QwT block .* fit rows")
     t0 = time.perf_counter()
     rows = []
     for name in args.models:

@@ -21,7 +21,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from types import ModuleType
 
 import timm
@@ -35,9 +34,8 @@ for p in (ROOT, os.path.join(ROOT, "benchmarks")):
 import qwt_core  # noqa: E402
 import qwt_core.compensation as current  # noqa: E402
 import qwt_core.qwt as qwt_mod  # noqa: E402
-from qwt_core.cpu_heap import retain_cpu_heap  # noqa: E402
 from qwt_core.model_io import atomic_write_json  # noqa: E402
-from speed import add_setup_arguments, calibrated_for_qwt, require_positive  # noqa: E402
+from speed import add_setup_arguments, calibrated_for_qwt, start_run  # noqa: E402
 
 FITTERS = ("TokenLeastSquares", "GroupedConvLeastSquares")
 
@@ -100,11 +98,8 @@ def main() -> None:
     add_setup_arguments(p, reps=3)
     p.add_argument("--output", default=os.path.join(ROOT, "outputs", "bench", "qwt_fitter_ab.json"))
     args = p.parse_args()
-    require_positive(args)
+    start_run(args, ["cpu"], True)
     variants = {"before": load_base(args.base), "after": current}
-    torch.set_num_threads(args.threads)
-    retain_cpu_heap()
-    warnings.filterwarnings("ignore", message=r"QwT block .* fit rows")
     rows = []
     for name in args.models:
         r = measure(name, variants, args)

@@ -27,7 +27,6 @@ import copy
 import os
 import sys
 import time
-import warnings
 from collections import defaultdict
 from typing import Callable, Iterator
 
@@ -42,10 +41,9 @@ for p in (ROOT, os.path.join(ROOT, "benchmarks")):
 import qwt_core  # noqa: E402
 import qwt_core.compensation as comp  # noqa: E402
 import qwt_core.qwt as qwt_mod  # noqa: E402
-from qwt_core.cpu_heap import retain_cpu_heap  # noqa: E402
 from qwt_core.model_io import atomic_write_json  # noqa: E402
 from speed import (ADAPTERS, _forward_all, _sync, _timed, add_setup_arguments,  # noqa: E402
-                   calibrated_for_qwt, require_positive)
+                   calibrated_for_qwt, start_run)
 
 PHASES = ("quantized blocks", "FP blocks", "moments", "solve", "other")
 
@@ -128,14 +126,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--output", default=os.path.join(ROOT, "outputs", "bench", "qwt_phases.json"))
     args = p.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible; use --device cpu")
-    require_positive(args)
-    torch.set_num_threads(args.threads)
+    start_run(args, [args.device], args.device == "cpu")
     device = torch.device(args.device)
-    if device.type == "cpu":
-        retain_cpu_heap()
-    warnings.filterwarnings("ignore", message=r"QwT block .* fit rows")
     rows = [measure(name, args, device) for name in args.models]
     head = f"{'model':<30} " + " ".join(f"{k:>16}" for k in PHASES) + f" {'QwT / FP':>9} {'2 passes':>9}"
     lines = [head, "-" * len(head)]

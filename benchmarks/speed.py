@@ -36,7 +36,7 @@ import statistics
 import sys
 import time
 import warnings
-from typing import Callable
+from typing import Callable, Sequence
 
 import timm
 import torch
@@ -214,6 +214,25 @@ def require_positive(args: argparse.Namespace, *names: str) -> None:
             raise SystemExit(f"--{n}={v}: must be at least 1")
 
 
+def start_run(args: argparse.Namespace, devices: Sequence[str], retain_heap: bool, *positive: str) -> None:
+    """What every benchmark does after parsing its arguments, before any model: one-line exits for
+    a CUDA device that is not visible and for counts below 1 (:func:`require_positive`, plus
+    ``positive``), ``--threads``, the CPU heap kept when ``retain_heap`` (process-wide, so FP and
+    quantized runs alike; one-line exit where the C library refuses, since the JSON would record a
+    setting not in effect), and QwT's "fewer rows than 10x the features" warning silenced (the small
+    benchmark sets trigger it once per run; the time, not the fit, is measured)."""
+    if "cuda" in devices and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible; drop it or run on a GPU machine")
+    require_positive(args, *positive)
+    torch.set_num_threads(args.threads)
+    if retain_heap:
+        try:
+            retain_cpu_heap()
+        except RuntimeError as e:
+            raise SystemExit(f"error: {e}") from None
+    warnings.filterwarnings("ignore", message=r"QwT block .* fit rows")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_setup_arguments(p, reps=3)
@@ -230,18 +249,7 @@ def main() -> None:
     p.add_argument("--output", default=os.path.join(ROOT, "outputs", "bench", "speed.json"))
     args = p.parse_args()
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
-    if "cuda" in devices and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible; drop it or run on a GPU machine")
-    require_positive(args, "eval_size")
-    torch.set_num_threads(args.threads)
-    if args.cpu_heap == "retain":
-        try:
-            retain_cpu_heap()  # process-wide, before any model: FP and quantized runs alike
-        except RuntimeError as e:  # the JSON would record a heap setting that is not in effect
-            raise SystemExit(f"error: {e}") from None
-    # 64 calibration images give fewer rows than 10x the features: QwT warns once per run; the
-    # ratio, not the fit, is measured here
-    warnings.filterwarnings("ignore", message=r"QwT block .* fit rows")
+    start_run(args, devices, args.cpu_heap == "retain", "eval_size")
 
     t0 = time.perf_counter()
     cpu = _cpu_name()
