@@ -77,3 +77,14 @@ def block_errors_with_and_without_qwt(qm, model: nn.Module, batches) -> tuple[fl
             err_c += (y_c - y_fp).pow(2).mean().item()
             x = y_c
     return err_q, err_c
+
+
+def log_edge_values() -> torch.Tensor:
+    """Attention-like values plus zeros, denormals, values at and next to every power of √2, -0.0,
+    NaN and inf."""
+    g = torch.Generator().manual_seed(5)
+    grid = torch.exp2(-torch.arange(0, 300, 0.25))
+    return torch.cat([torch.rand(200_000, generator=g), torch.zeros(1000), torch.full((1000,), 1e-40),
+                      torch.exp2(-torch.rand(200_000, generator=g) * 140), grid,
+                      grid.nextafter(torch.tensor(0.0)), grid.nextafter(torch.tensor(1.0)),
+                      torch.tensor([float("nan"), float("inf"), -0.0, 1e-45])])

@@ -20,7 +20,8 @@ import torch
 import qwt_core
 import qwt_core.compensation as comp
 import qwt_core.quantizers as qz
-from tests.helpers_models import block_errors_with_and_without_qwt, images, tiny_resnet, tiny_swin, tiny_vit
+from tests.helpers_models import (block_errors_with_and_without_qwt, images, log_edge_values, tiny_resnet,
+                                  tiny_swin, tiny_vit)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -67,21 +68,14 @@ def test_cuda_forward_never_synchronises(kind, fused, monkeypatch):
         torch.cuda.synchronize()
 
 
-def _edge_values(n_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x, attn)``: signed values with zeros, denormals and a huge one; attention-like values with
-    zeros, denormals and every power of √2 a ``n_bits`` log-√2 quantizer can hit, ± 1 ulp."""
-    g = torch.Generator().manual_seed(7)
-    x = torch.cat([torch.randn(300_000, generator=g) * 3, torch.tensor([0.0, -0.0, 1e-40, -1e-40, 1e30])])
-    grid = torch.exp2(-torch.arange(0, 2 ** n_bits + 4, 0.5))
-    attn = torch.cat([torch.rand(300_000, generator=g), torch.zeros(1000), torch.full((100,), 1e-40),
-                      grid, grid.nextafter(torch.tensor(0.0)), grid.nextafter(torch.tensor(1.0))])
-    return x, attn
-
-
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_cuda_fused_kernels_equal_eager(bits):
-    x, attn = _edge_values(bits)
-    x, attn = x.to(CUDA), attn.to(CUDA)
+    """Signed values with zeros, denormals and a huge one (uniform); the log-√2 edge values of the
+    CPU tests (zeros, denormals, every power of √2 ± 1 ulp, -0.0, inf; NaN at the same places)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.cat([torch.randn(300_000, generator=g) * 3,
+                   torch.tensor([0.0, -0.0, 1e-40, -1e-40, 1e30])]).to(CUDA)
+    attn = log_edge_values().to(CUDA)
     delta, zp = torch.tensor(0.173, device=CUDA), torch.tensor(float(2 ** (bits - 1)), device=CUDA)
     eager_u = qz.uniform_fake_quant(x, delta, zp, bits)
     fused_u = qz._FusedFakeQuant.get("uniform")(x, delta, zp, bits)
@@ -90,6 +84,8 @@ def test_cuda_fused_kernels_equal_eager(bits):
         dt = torch.tensor(d, device=CUDA)
         eager_l = qz.log_sqrt2_fake_quant(attn, dt, bits)
         fused_l = qz._FusedFakeQuant.get("log2")(attn, dt, bits)
+        assert torch.equal(fused_l.isnan(), eager_l.isnan())
+        fused_l, eager_l = fused_l.nan_to_num(nan=-1.0), eager_l.nan_to_num(nan=-1.0)
         assert torch.equal(fused_l, eager_l), (d, int((fused_l != eager_l).sum()))
 
 

@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import qwt_core
 import qwt_core.quantizers as qz
 from qwt_core.modules import QuantConv2d, QuantLinear, quantizers
-from tests.helpers_models import images, kthvalue_quantile, tiny_resnet, tiny_swin, tiny_vit
+from tests.helpers_models import images, kthvalue_quantile, log_edge_values, tiny_resnet, tiny_swin, tiny_vit
 
 ADAPTERS = {"vit": (tiny_vit, qwt_core.quantize_timm_vit, 32),
             "swin": (tiny_swin, qwt_core.quantize_timm_swin, 56),
@@ -260,22 +260,11 @@ def _bitwise_equal(a, b):
                             b.view(torch.int32 if b.dtype == torch.float32 else torch.int64)))
 
 
-def _log_edge_values() -> torch.Tensor:
-    """Attention-like values plus zeros, denormals, values at and next to every power of √2, -0.0,
-    NaN and inf."""
-    g = torch.Generator().manual_seed(5)
-    grid = torch.exp2(-torch.arange(0, 300, 0.25))
-    return torch.cat([torch.rand(200_000, generator=g), torch.zeros(1000), torch.full((1000,), 1e-40),
-                      torch.exp2(-torch.rand(200_000, generator=g) * 140), grid,
-                      grid.nextafter(torch.tensor(0.0)), grid.nextafter(torch.tensor(1.0)),
-                      torch.tensor([float("nan"), float("inf"), -0.0, 1e-45])])
-
-
 def test_log_floor_changes_no_value():
     """The CPU floor under x/Δ (avoids log2's slow path on 0 / denormals) drops exactly what the
     unfloored quantizer drops: every bit width, values at and next to every power of √2, zeros,
     denormals, -0.0, NaN, inf; signs of zero included."""
-    x = _log_edge_values()
+    x = log_edge_values()
     for n_bits in range(2, 9):
         for d in (1.0, 0.37, 1e-3, 3.0):
             delta = torch.tensor(d)
@@ -289,7 +278,7 @@ def test_fused_log_kernel_floor_changes_no_value():
     denormals, -0.0, NaN and inf, for bit widths with (2, 4, 7) and without (8) the floor (NaN
     where the reference has NaN, whatever its sign bit: the compiled kernel's NaN bits differ with
     or without the floor)."""
-    x = _log_edge_values()
+    x = log_edge_values()
     kernel = qz._FusedFakeQuant.get("log2")
     for n_bits in (2, 4, 7, 8):
         for d in (1.0, 0.37, 1e-3, 3.0):
