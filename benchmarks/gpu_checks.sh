@@ -8,7 +8,8 @@
 #           eager and fused) -> speed_cuda.json;
 #   phases  benchmarks/qwt_phases.py --device cuda (where the QwT stage's time goes) on 64 and on 512
 #           QwT images (the papers' set; on a GPU the per-block solve is a fixed cost, so the ratio
-#           depends on the size) -> qwt_phases_cuda_64.json, qwt_phases_cuda_512.json;
+#           depends on the size; each solve is also timed on a host copy, 'solve, CPU copy')
+#           -> qwt_phases_cuda_64.json, qwt_phases_cuda_512.json;
 #   compiled (not in the default run: a second call if time is left) the whole-model compile tests of
 #           tests/test_cuda.py, then benchmarks/compile_ab.py on CUDA: evaluation through torch.compile
 #           of the whole quantized model vs eager -> compile_ab_cuda.json.
