@@ -5,10 +5,12 @@ RepQ-ViT three-candidate MSE quantizer, initialised by one forward of the calibr
 fc at W8/A8; the reference8 / true bit tables; the recipe in the CLI JSON; save / load.
 """
 import copy
+import inspect
 import json
 import os
 
 import pytest
+import timm
 import torch
 from torch import nn
 
@@ -25,11 +27,13 @@ SIZE = 32
 #: a real timm ResNet-18 (BasicBlock, 2-2-2-2, timm layer names) with other stage widths so the tests
 #: run in seconds: layer1.0 reads 64 channels (1 QwT group), layer2.0 reads 128 (2 groups, stride 2).
 SMALL = {"num_classes": 10, "channels": (128, 64, 32, 32), "zero_init_last": False}
+pytestmark = pytest.mark.skipif(
+    "channels" not in inspect.signature(timm.models.resnet.ResNet).parameters,
+    reason=f"timm {timm.__version__} builds no narrow ResNet (ResNet(channels=...) came in timm 1.0.9)")
 
 
 def small_resnet() -> nn.Module:
     """Random-init narrow timm resnet18 with non-trivial BatchNorm statistics (eval mode)."""
-    import timm
     return randomize_batchnorms(timm.create_model("resnet18", pretrained=False, **SMALL).eval())
 
 

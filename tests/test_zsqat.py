@@ -110,14 +110,14 @@ def test_learnable_uniform_lsq_gradient_on_delta():
     assert lq.delta.grad.item() == pytest.approx((w * dd).sum().item() * g, rel=1e-10)
 
 
-def _calibrated_vit(seed: int = 0):
+def _calibrated_vit(seed: int = 0, n_images: int = 4):
     from qwt_core.adapters.timm_vit import quantize_timm_vit
     from qwt_core.repq import repq_calibrate
     torch.manual_seed(seed)
     fp = tiny_vit()
     student = copy.deepcopy(fp)
     qm = quantize_timm_vit(student, 4, 4)
-    x = images(4, 32, seed=seed)
+    x = images(n_images, 32, seed=seed)
     with torch.no_grad():
         repq_calibrate(lambda: student(x), student, qm.ln_pairs)
     return fp, student, x
@@ -180,29 +180,38 @@ def test_losses_zero_for_identical_student_positive_after_perturbation():
 
 
 def test_qat_steps_lower_distillation_loss_and_keep_teacher():
-    teacher, student, x = _calibrated_vit(seed=1)
-    make_steps_learnable(student)
-    for p in student.parameters():
-        p.requires_grad_(False)
-    params = learnable_step_parameters(student)
-    for p in params:
-        p.requires_grad_(True)
-    before_teacher = {k: v.clone() for k, v in teacher.state_dict().items()}
-    opt = torch.optim.Adam(params, lr=3e-5)
-    losses = []
-    with Distiller(student, teacher, BLOCKS) as d:
-        for _ in range(2):  # small lr: Adam's first steps move every Δ by ~lr (Δ ~ 1e-3 here)
-            loss = d(x)["total"]
-            losses.append(loss.item())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        with torch.no_grad():
-            losses.append(d(x)["total"].item())
-    assert losses[0] > 0 and losses[-1] < 0.9 * losses[0], losses
-    after_teacher = teacher.state_dict()
-    assert all(torch.equal(before_teacher[k], after_teacher[k]) for k in before_teacher)
-    assert all(p.grad is None for p in teacher.parameters())
+    """Adam on the learnable steps lowers the block + logit distillation loss; the teacher is untouched.
+
+    With hard rounding the loss of a 4-bit tiny ViT is jagged in Δ (a relative change of 1e-6 moved
+    it by 28 % here), so one seed and two steps are a coin toss: 40 steps on 32 images, for four
+    seeds, and the mean of the last 10 losses against the first, averaged over the seeds. Measured
+    (timm 1.0.31 and 1.0.3, whose initialisations differ): 0.66 and 0.66, each seed 0.53-0.75; one
+    seed of eight rose (1.07) under timm 1.0.3."""
+    ratios = []
+    for seed in range(4):
+        teacher, student, x = _calibrated_vit(seed=seed, n_images=32)
+        make_steps_learnable(student)
+        for p in student.parameters():
+            p.requires_grad_(False)
+        params = learnable_step_parameters(student)
+        for p in params:
+            p.requires_grad_(True)
+        before_teacher = {k: v.clone() for k, v in teacher.state_dict().items()}
+        opt = torch.optim.Adam(params, lr=3e-5)  # Adam moves every Δ by ~lr per step (Δ ~ 1e-3-1e-2)
+        losses = []
+        with Distiller(student, teacher, BLOCKS) as d:
+            for _ in range(40):
+                loss = d(x)["total"]
+                losses.append(loss.item())
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        assert losses[0] > 0 and all(math.isfinite(v) for v in losses), losses
+        ratios.append(sum(losses[-10:]) / 10 / losses[0])
+        after_teacher = teacher.state_dict()
+        assert all(torch.equal(before_teacher[k], after_teacher[k]) for k in before_teacher)
+        assert all(p.grad is None for p in teacher.parameters())
+    assert sum(ratios) / len(ratios) < 0.85, ratios
 
 
 def test_learnable_quantizer_state_dict_round_trip():
