@@ -62,9 +62,13 @@ def test_topk_calibration_equals_kthvalue_reference(kind, monkeypatch):
 
 
 class _HostReads(TorchDispatchMode):
-    """Records aten ops that copy a tensor value to the host (a GPU sync on CUDA)."""
+    """Records aten ops that copy a tensor value to the host (a GPU sync on CUDA): scalar reads, and
+    ops whose output shape depends on the values (boolean-mask indexing, ``nonzero``, ``unique``)."""
 
-    SYNC_OPS = {"aten::_local_scalar_dense", "aten::is_nonzero", "aten::equal", "aten::item"}
+    SYNC_OPS = {"aten::_local_scalar_dense", "aten::is_nonzero", "aten::equal", "aten::item",
+                "aten::nonzero", "aten::masked_select", "aten::_unique2", "aten::unique_dim",
+                "aten::unique_consecutive", "aten::repeat_interleave"}
+    INDEX_OPS = {"aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_"}
 
     def __init__(self) -> None:
         super().__init__()
@@ -74,6 +78,9 @@ class _HostReads(TorchDispatchMode):
         name = func._schema.name
         if name in self.SYNC_OPS:
             self.seen.append(name)
+        elif name in self.INDEX_OPS and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                             for i in (args[1] if len(args) > 1 else ()) or ()):
+            self.seen.append(f"{name} with a boolean mask")
         return func(*args, **(kwargs or {}))
 
 
