@@ -7,7 +7,10 @@ of the same model on the same images:
 * ``calibration``: ``qwt_core.calibrate_repq`` on the calibration batch (32 images) ÷ one FP
   forward of that batch (target ≤ 3×);
 * ``fake-quant eval``: forward of the calibrated fake-quant model ÷ FP forward over the evaluation
-  images (target ≤ 1.25× on CPU, ≤ 1.5× on GPU); also reported after QwT (compensations included);
+  images (target ≤ 1.25× on CPU, ≤ 1.5× on GPU); also reported after QwT (compensations included),
+  against FP forwards timed next to it. ``--eval_rounds`` (3) alternating passes per repetition,
+  each a sample: on a shared 2-core host the evaluation after QwT, which does strictly more work,
+  had measured below the one before it with a single pass (1.18× vs 1.25×, DeiT-S);
 * ``QwT stage``: ``qwt_core.compensate`` over the QwT calibration set ÷ one FP forward over that set
   (target ≤ 2.3× on CPU, ≤ 2.5× on GPU). The papers use 512 images; on 2 CPU cores the default is
   64 (``--qwt_size``); the ratio barely depends on the size (both sides scale linearly).
@@ -99,6 +102,19 @@ def calibrated_for_qwt(name: str, args: argparse.Namespace, device: torch.device
     return fp, qm, batches
 
 
+def _eval_rounds(fp: nn.Module, model: nn.Module, evals: list[torch.Tensor], rounds: int,
+                 device: torch.device, fp_times: list[float], q_times: list[float]) -> None:
+    """``rounds`` evaluation passes, FP and ``model`` batch by batch, alternating; each pass's two
+    sums are appended as one sample each (the samples are summarised with the repetitions')."""
+    for _ in range(rounds):
+        fp_s = q_s = 0.0
+        for b in evals:
+            fp_s += _timed(lambda: _forward_all(fp, [b]), device)
+            q_s += _timed(lambda: _forward_all(model, [b]), device)
+        fp_times.append(fp_s)
+        q_times.append(q_s)
+
+
 def measure_model(name: str, mode: str, args: argparse.Namespace, device: torch.device) -> dict:
     """All three ratios for one architecture and fake-quant mode; ``reps`` fresh quantized copies,
     summarised by --stat. ``mode``: ``"eager"`` or ``"fused"`` (``torch.compile``-fused quantizers, compiled
@@ -121,7 +137,7 @@ def measure_model(name: str, mode: str, args: argparse.Namespace, device: torch.
         compile_s = _timed(warm_up, device)
 
     t = {k: [] for k in ("fp_calib", "calibration", "fp_eval", "quant_eval", "fp_qwt", "qwt",
-                         "qwt_eval")}
+                         "fp_qwt_eval", "qwt_eval")}
     blocks = applied = 0
     for _ in tqdm(range(args.reps), desc=f"{name} ({mode})", leave=False):
         model = copy.deepcopy(fp)
@@ -131,15 +147,11 @@ def measure_model(name: str, mode: str, args: argparse.Namespace, device: torch.
         t["calibration"].append(_timed(lambda: qwt_core.calibrate_repq(qm, calib), device))
         fp_b = _timed(lambda: _forward_all(fp, [calib]), device)
         t["fp_calib"].append((fp_a + fp_b) / 2)
-        # evaluation: FP and fake-quant batch by batch, alternating (one untimed quantized forward
-        # first: it fills the quantized-weight caches, as the first batch of any evaluation does)
+        # evaluation: FP and fake-quant batch by batch, alternating, --eval_rounds times (one untimed
+        # quantized forward first: it fills the quantized-weight caches, as any evaluation's first
+        # batch does)
         _forward_all(model, [evals[0][:2]])
-        fp_s = q_s = 0.0
-        for b in evals:
-            fp_s += _timed(lambda: _forward_all(fp, [b]), device)
-            q_s += _timed(lambda: _forward_all(model, [b]), device)
-        t["fp_eval"].append(fp_s)
-        t["quant_eval"].append(q_s)
+        _eval_rounds(fp, model, evals, args.eval_rounds, device, t["fp_eval"], t["quant_eval"])
         # QwT stage vs one FP forward over its calibration set (FP on both sides of it)
         fp_a = _timed(lambda: _forward_all(fp, qwt_batches), device)
         box: dict = {}
@@ -149,8 +161,8 @@ def measure_model(name: str, mode: str, args: argparse.Namespace, device: torch.
         t["fp_qwt"].append((fp_a + fp_b) / 2)
         blocks = len(box["report"].blocks)
         applied = sum(b.applied for b in box["report"].blocks)
-        q_s = sum(_timed(lambda: _forward_all(model, [b]), device) for b in evals)
-        t["qwt_eval"].append(q_s)
+        _forward_all(model, [evals[0][:2]])  # the compensations' first call
+        _eval_rounds(fp, model, evals, args.eval_rounds, device, t["fp_qwt_eval"], t["qwt_eval"])
         del model, qm, box
 
     summarise = min if args.stat == "min" else statistics.median
@@ -158,7 +170,7 @@ def measure_model(name: str, mode: str, args: argparse.Namespace, device: torch.
     targets = TARGETS[device.type]
     ratios = {"calibration": med["calibration"] / med["fp_calib"],
               "eval": med["quant_eval"] / med["fp_eval"],
-              "eval_after_qwt": med["qwt_eval"] / med["fp_eval"],
+              "eval_after_qwt": med["qwt_eval"] / med["fp_qwt_eval"],
               "qwt": med["qwt"] / med["fp_qwt"]}
     qz.set_fused_fake_quant(False)
     return {"model": name, "method": method, "device": device.type, "mode": mode,
@@ -187,8 +199,8 @@ def format_table(rows: list[dict], args: argparse.Namespace) -> str:
         lines.append("fused: one-time torch.compile warm-up, not in the ratios: " + ", ".join(compiles))
     lines.append(f"('!' = misses the target; calibration batch {args.calib_size}, eval "
                  f"{args.eval_size} images, QwT on {args.qwt_size} images, batch {args.batch_size}, "
-                 f"W{args.w_bits}A{args.a_bits}, {args.stat} of {args.reps} repetitions, CPU heap: "
-                 f"{args.cpu_heap})")
+                 f"W{args.w_bits}A{args.a_bits}, {args.stat} of {args.reps} repetitions (evaluation: "
+                 f"{args.eval_rounds} passes each), CPU heap: {args.cpu_heap})")
     return "\n".join(lines)
 
 
@@ -243,13 +255,17 @@ def main() -> None:
     p.add_argument("--stat", choices=["min", "median"], default="min",
                    help="summary of each time over the repetitions (default: min, the least disturbed)")
     p.add_argument("--eval_size", type=int, default=32)
+    p.add_argument("--eval_rounds", type=int, default=3,
+                   help="evaluation passes (FP and fake-quant alternating) per repetition, before and "
+                        "after QwT; every pass is a sample of --stat (evaluation is the cheapest step "
+                        "and its ratio the one nearest its target, so it gets the most samples)")
     p.add_argument("--cpu_heap", choices=["retain", "system"], default="retain",
                    help="retain (default, as the command lines do on CPU): keep freed memory in the heap "
                         "(qwt_core.cpu_heap); system: glibc's own trimming and mmap of large blocks")
     p.add_argument("--output", default=os.path.join(ROOT, "outputs", "bench", "speed.json"))
     args = p.parse_args()
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
-    start_run(args, devices, args.cpu_heap == "retain", "eval_size")
+    start_run(args, devices, args.cpu_heap == "retain", "eval_size", "eval_rounds")
 
     t0 = time.perf_counter()
     cpu = _cpu_name()
