@@ -38,6 +38,7 @@ for p in (ROOT, os.path.join(ROOT, "benchmarks")):
         sys.path.insert(0, p)
 
 import qwt_core  # noqa: E402
+from qwt_core.cli_options import compiled_for_eval  # noqa: E402
 from qwt_core.model_io import atomic_write_json  # noqa: E402
 from speed import ADAPTERS, _forward_all, _images, _timed, add_setup_arguments, start_run  # noqa: E402
 
@@ -64,8 +65,8 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     report = qwt_core.compensate(qm, list(_images(args.qwt_size, args.seed + 2, device).split(args.batch_size)),
                                  progress=False)
     models = {"FP": fp, "quant": qm.model,
-              "quant compiled": torch.compile(qm.model, dynamic=False),
-              "FP compiled": torch.compile(fp, dynamic=False)}
+              "quant compiled": compiled_for_eval(qm.model),  # what --compile_model evaluates
+              "FP compiled": compiled_for_eval(fp)}
     first = {k: _timed(lambda m=m: _forward_all(m, evals), device) for k, m in models.items()}
     times: dict[str, list[float]] = {k: [] for k in VARIANTS}
     for _ in range(args.reps):

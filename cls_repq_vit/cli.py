@@ -280,7 +280,7 @@ def _run(args: argparse.Namespace, spec: ModelSpec, rank: int, world: int, devic
         "repq_calib_size": args.repq_calib_size, "start_block": args.start_block, "seed": args.seed,
         "integer_zero_point": args.integer_zero_point, "world_size": world, "device": str(device),
         "fused_fake_quant": bool(getattr(args, "fused_fake_quant", False)),
-        "compile_model": bool(getattr(args, "compile_model", False)),
+        "compile_model": compile_eval,
         "cpu_heap": cpu_heap_mode(), "torch": torch.__version__, "python": platform.python_version(),
         "accuracy": {}, "timings_s": timings}
     baseline = BASELINE_NAME[spec.family]
