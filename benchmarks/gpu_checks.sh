@@ -3,12 +3,14 @@
 #   tests   tests/test_cuda.py but its whole-model compile tests: no GPU synchronisation in the
 #           calibrated forward (eager and fused), fused == eager fake quantization bit for bit on CUDA,
 #           a CPU-quantized model runs the same on CUDA, CUDA calibration as good as the CPU's, QwT
-#           moments on the device in float64, ONNX export of a GPU model;
+#           moments on the device in float64 and solved there by the Cholesky path with the CPU eigh
+#           fit's result, ONNX export of a GPU model;
 #   speed   benchmarks/speed.py --device cuda (calibration / evaluation / QwT stage vs FP forwards,
 #           eager and fused) -> speed_cuda.json;
 #   phases  benchmarks/qwt_phases.py --device cuda (where the QwT stage's time goes) on 64 and on 512
 #           QwT images (the papers' set; on a GPU the per-block solve is a fixed cost, so the ratio
-#           depends on the size; each solve is also timed on a host copy, 'solve, CPU copy')
+#           depends on the size; the stage solves by Cholesky, and every block's solve is also timed
+#           with eigh and Cholesky on the device and on a host copy: 'solve: eigh, CPU copy' ...)
 #           -> qwt_phases_cuda_64.json, qwt_phases_cuda_512.json;
 #   compiled (not in the default run: a second call if time is left) the whole-model compile tests of
 #           tests/test_cuda.py, then benchmarks/compile_ab.py on CUDA: evaluation through torch.compile

@@ -9,21 +9,25 @@ W4A4, random weights at 224², and prints each phase as a multiple of one FP for
 * ``quantized blocks`` / ``FP blocks``: the two block passes (the stage's floor: they are what
   compensation is computed from, so ``QwT / FP`` cannot fall below their sum);
 * ``moments``: the fitter's ``update`` (float64 products, as DESIGN.md requires);
-* ``solve``: the fitter's ``fit`` (eigendecomposition, held-out gate, ridge grid);
+* ``solve``: the fitter's ``fit`` (factorisation, held-out gate, ridge grid; ``--qwt_solver``);
 * ``other``: block-0 inputs, compensation applied to the next block's input, bookkeeping.
 
-On CUDA one more figure, not part of the stage: ``solve, CPU copy``, the same ``fit`` on a copy of
-each fitter's moments moved to the host (``--cpu_solve_threads`` threads, default all cores), timed
-right after the device's own. On a GPU the solve is a fixed cost per block (two ``eigh`` of
-``d × d``, small GEMMs, host reads) against an FP forward of only milliseconds, so whether it is
-cheaper on the host is measured here rather than guessed; its result is discarded.
+Alongside, not part of the stage, the same ``fit`` of every block is timed with the other
+least-squares factorisations (``--solve_ab``, default on for CUDA): ``eigh`` and ``cholesky`` (see
+``qwt_core.compensation``; ``auto``, what the stage uses, is Cholesky on CUDA and eigh on the CPU),
+and on CUDA each also on a copy of the moments moved to the host (``--cpu_solve_threads`` threads,
+default all cores; the copy is part of its time). On a GPU the solve is a fixed cost per block against
+an FP forward of only milliseconds, and ``eigh`` of a few hundred columns is latency-bound there
+(batched over the groups of the ResNet fitter, a loop), so which is cheapest is measured here rather
+than guessed; those results are discarded.
 
 The phases are timed by wrapping the functions ``apply_qwt`` calls, restored afterwards; the model
 and the numbers are those of an ordinary ``compensate`` call. Each figure is the minimum over
 ``--reps`` fresh quantized copies (FP forwards timed next to each).
 
 Usage: ``python benchmarks/qwt_phases.py [--models ...] [--device cpu|cuda] [--reps 2]
-[--qwt_size 64] [--output outputs/bench/qwt_phases.json]``.
+[--qwt_size 64] [--qwt_solver auto|eigh|cholesky] [--[no-]solve_ab] [--output
+outputs/bench/qwt_phases.json]``.
 """
 from __future__ import annotations
 
@@ -52,7 +56,14 @@ from speed import (ADAPTERS, _forward_all, _sync, _timed, add_setup_arguments,  
                    calibrated_for_qwt, start_run)
 
 PHASES = ("quantized blocks", "FP blocks", "moments", "solve", "other")
-CPU_SOLVE = "solve, CPU copy"
+
+
+def alternatives(device: torch.device) -> list[tuple[str, str, bool]]:
+    """``(label, solver, on a host copy)`` of the solves timed next to the stage's own."""
+    out = [(f"solve: {s}", s, False) for s in ("eigh", "cholesky")]
+    if device.type == "cuda":
+        out += [(f"solve: {s}, CPU copy", s, True) for s in ("eigh", "cholesky")]
+    return out
 
 
 def cpu_copy(fitter: object) -> object:
@@ -69,34 +80,42 @@ def cpu_copy(fitter: object) -> object:
 
 
 @contextlib.contextmanager
-def phase_timers(device: torch.device, totals: dict[str, float],
+def phase_timers(device: torch.device, totals: dict[str, float], solve_ab: bool = False,
                  cpu_solve_threads: int = 0) -> Iterator[Callable]:
     """Wrap the fitters' ``update``/``fit`` and ``quant_disabled`` for the duration; yields a
-    ``run_block`` wrapper factory that books block passes as FP or quantized. With
-    ``cpu_solve_threads`` > 0 (CUDA), every ``fit`` is also timed on a host copy of the fitter
-    (``totals[CPU_SOLVE]``, outside the stage's phases)."""
+    ``run_block`` wrapper factory that books block passes as FP or quantized. With ``solve_ab``,
+    every ``fit`` is also timed with each of :func:`alternatives` (``totals[label]``, outside the
+    stage's phases; ``totals["alternatives"]`` their sum, to subtract from the stage)."""
     fp_pass = {"on": False}
     saved: list[tuple[object, str, object]] = []
+
+    def timed_call(fn: Callable, *a, **k) -> tuple[object, float]:
+        _sync(device)
+        t = time.perf_counter()
+        out = fn(*a, **k)
+        _sync(device)
+        return out, time.perf_counter() - t
 
     def patch(owner: object, attr: str, key: str) -> None:
         orig = getattr(owner, attr)
         saved.append((owner, attr, orig))
 
         def timed(*a, **k):
-            _sync(device)
-            t = time.perf_counter()
-            out = orig(*a, **k)
-            _sync(device)
-            totals[key] += time.perf_counter() - t
-            if key == "solve" and cpu_solve_threads > 0:
-                threads = torch.get_num_threads()
-                torch.set_num_threads(cpu_solve_threads)
-                try:
-                    t = time.perf_counter()  # the copy to the host is part of that cost
-                    orig(cpu_copy(a[0]), *a[1:], **k)
-                    totals[CPU_SOLVE] += time.perf_counter() - t
-                finally:
-                    torch.set_num_threads(threads)
+            out, dt = timed_call(orig, *a, **k)
+            totals[key] += dt
+            if key == "solve" and solve_ab:
+                t_all = time.perf_counter()
+                for label, solver, host in alternatives(device):
+                    threads = torch.get_num_threads()
+                    if host:
+                        torch.set_num_threads(cpu_solve_threads)
+                    try:  # the copy to the host is part of that cost
+                        _, dt = timed_call(lambda: orig(cpu_copy(a[0]) if host else a[0], *a[1:],
+                                                        **dict(k, solver=solver)))
+                    finally:
+                        torch.set_num_threads(threads)
+                    totals[label] += dt
+                totals["alternatives"] += time.perf_counter() - t_all
             return out
         setattr(owner, attr, timed)
 
@@ -135,33 +154,44 @@ def phase_timers(device: torch.device, totals: dict[str, float],
 def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     method = ADAPTERS[name][0]
     fp, qm0, batches = calibrated_for_qwt(name, args, device)
+    solve_ab = args.solve_ab if args.solve_ab is not None else device.type == "cuda"
     best: dict[str, float] = {}
+    solvers: set = set()
     for _ in range(args.reps):
         qm = copy.deepcopy(qm0)
         fp_a = _timed(lambda: _forward_all(fp, batches), device)
         totals: dict[str, float] = defaultdict(float)
-        cpu_threads = args.cpu_solve_threads if device.type == "cuda" else 0
-        with phase_timers(device, totals, cpu_threads) as wrap_run:
+        out: dict = {}
+        with phase_timers(device, totals, solve_ab, args.cpu_solve_threads) as wrap_run:
             qm.run_block = wrap_run(qm.run_block or qwt_mod._default_run_block)
-            stage = _timed(lambda: qwt_core.compensate(qm, batches, progress=False), device)
-        stage -= totals.get(CPU_SOLVE, 0.0)  # the host copy's solve is not part of the stage
+            stage = _timed(lambda: out.update(report=qwt_core.compensate(
+                qm, batches, progress=False, solver=args.qwt_solver)), device)
+        stage -= totals.pop("alternatives", 0.0)  # the alternative solves are not part of the stage
+        solvers |= {b.solver for b in out["report"].blocks if b.solver}
         fp_b = _timed(lambda: _forward_all(fp, batches), device)
         sample = dict(totals, stage=stage, fp=(fp_a + fp_b) / 2)
         sample["other"] = stage - sum(totals[k] for k in PHASES if k != "other")
         best = sample if not best or sample["stage"] / sample["fp"] < best["stage"] / best["fp"] else best
     ratios = {k: best[k] / best["fp"] for k in (*PHASES, "stage")}
-    if CPU_SOLVE in best:
-        ratios[CPU_SOLVE] = best[CPU_SOLVE] / best["fp"]
+    for label, _, _ in alternatives(device) if solve_ab else []:
+        ratios[label] = best[label] / best["fp"]
     return {"model": name, "method": method, "device": device.type, "seconds": best, "ratios": ratios,
-            "floor_two_passes": ratios["quantized blocks"] + ratios["FP blocks"]}
+            "floor_two_passes": ratios["quantized blocks"] + ratios["FP blocks"],
+            "stage_solver": sorted(solvers)}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_setup_arguments(p, reps=2)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--qwt_solver", default="auto", choices=["auto", "eigh", "cholesky"],
+                   help="the stage's least-squares factorisation (default auto: Cholesky on CUDA, eigh "
+                        "on the CPU)")
+    p.add_argument("--solve_ab", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time every block's solve with eigh and Cholesky (and on CUDA with each "
+                        "on a host copy), outside the stage (default: on for CUDA)")
     p.add_argument("--cpu_solve_threads", type=int, default=os.cpu_count() or 1,
-                   help="CUDA only: host threads for the 'solve, CPU copy' timing (default: all cores)")
+                   help="CUDA only: host threads for the 'CPU copy' solve timings (default: all cores)")
     p.add_argument("--output", default=os.path.join(ROOT, "outputs", "bench", "qwt_phases.json"))
     args = p.parse_args()
     start_run(args, [args.device], args.device == "cpu", "cpu_solve_threads")
@@ -172,12 +202,15 @@ def main() -> None:
     for r in rows:
         lines.append(f"{r['model']:<30} " + " ".join(f"{r['ratios'][k]:15.2f}x" for k in PHASES)
                      + f" {r['ratios']['stage']:8.2f}x {r['floor_two_passes']:8.2f}x")
-        if CPU_SOLVE in r["ratios"]:
-            lines.append(f"{'':<30} {CPU_SOLVE} ({args.cpu_solve_threads} host threads; not in the stage): "
-                         f"{r['ratios'][CPU_SOLVE]:.2f}x against {r['ratios']['solve']:.2f}x on the device")
+        alts = [(k, v) for k, v in r["ratios"].items() if k.startswith("solve: ")]
+        if alts:
+            lines.append(f"{'':<30} the stage solved with {'/'.join(r['stage_solver'])}; not in the stage: "
+                         + ", ".join(f"{k[7:]} {v:.2f}x" for k, v in alts))
     lines.append(f"(multiples of one FP forward over the {args.qwt_size} QwT images; {device.type}, "
                  f"{args.threads} threads, W{args.w_bits}A{args.a_bits}, best of {args.reps}; "
-                 "'2 passes' = quantized + FP blocks, the floor of the stage)")
+                 "'2 passes' = quantized + FP blocks, the floor of the stage"
+                 + (f"; CPU copies on {args.cpu_solve_threads} host threads" if device.type == "cuda" else "")
+                 + ")")
     table = "\n".join(lines)
     print(table)
     atomic_write_json(args.output, {"torch": torch.__version__, "timm": timm.__version__,

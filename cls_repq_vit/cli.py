@@ -156,13 +156,13 @@ def validate_args(args: argparse.Namespace, choices: Optional[list[str]] = None)
     default_gate = "insample" if spec.family == "resnet" else "holdout"
     try:
         args.qwt_options = qwt_overrides(getattr(args, "qwt_gate", None), getattr(args, "qwt_ridge", None),
-                                         default_gate)
+                                         default_gate, solver=getattr(args, "qwt_solver", None))
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     apply_speed_arguments(args, device)
     if args.qwt_options and (args.skip_qwt or getattr(args, "load_quantized", None)):
-        raise SystemExit("error: --qwt_gate/--qwt_ridge set the QwT fit, but "
+        raise SystemExit("error: --qwt_gate/--qwt_ridge/--qwt_solver set the QwT fit, but "
                          + ("--skip_qwt computes none" if args.skip_qwt else
                             "--load_quantized reuses the saved one") + "; drop one of them")
     for flag in ("calib_size", "repq_calib_size", "batch_size"):

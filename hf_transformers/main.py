@@ -3,7 +3,8 @@
     python -m hf_transformers.main --model PATH_OR_HUB_NAME --calib-text calib.txt \\
         --eval-text heldout.txt --w_bits 4 --a_bits 4 [--kind auto|encoder|decoder] \\
         [--calib-size N] [--repq-size N] [--eval-size N] [--max-length L] [--batch-size B] \\
-        [--gate|--qwt_gate holdout|insample] [--qwt_ridge auto|FLOAT] [--output result.json] \\
+        [--gate|--qwt_gate holdout|insample] [--qwt_ridge auto|FLOAT] [--qwt_solver auto|eigh|cholesky] \\
+        [--output result.json] \\
         [--save_quantized q.pt | --load_quantized q.pt]
 
 Text files hold one text per line (empty lines are ignored). The model is read from a local folder
@@ -28,7 +29,8 @@ from tqdm.auto import tqdm
 
 import qwt_core
 from qwt_core.adapters import hf as hf_adapter
-from qwt_core.cli_options import add_speed_arguments, apply_speed_arguments, parse_ridge, qwt_overrides
+from qwt_core.cli_options import (SOLVERS, add_speed_arguments, apply_speed_arguments, parse_ridge,
+                                  qwt_overrides)
 from qwt_core.cpu_heap import cpu_heap_mode
 from qwt_core.model_io import atomic_write_json
 from qwt_core.quantizers import validate_bits
@@ -81,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="{auto,FLOAT}",
                    help="QwT ridge λ: 'auto' (holdout gate only) or a number >= 0; default: 'auto' with "
                         "the holdout gate, 0 with insample")
+    p.add_argument("--qwt_solver", "--qwt-solver", dest="qwt_solver", choices=list(SOLVERS), default=None,
+                   help="QwT least-squares factorisation: eigh, cholesky (no eigendecomposition; used "
+                        "only where it provably gives eigh's fit) or auto (default: cholesky on CUDA, "
+                        "eigh elsewhere)")
     p.add_argument("--no-qwt", "--no_qwt", dest="no_qwt", action="store_true",
                    help="stop after the baseline (no QwT)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -209,7 +215,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if value < 1:
             raise CLIError(f"{name} must be >= 1, got {value}")
     try:
-        qwt_kwargs = qwt_overrides(args.gate, getattr(args, "qwt_ridge", None))
+        qwt_kwargs = qwt_overrides(args.gate, getattr(args, "qwt_ridge", None), solver=args.qwt_solver)
     except ValueError as exc:
         raise CLIError(str(exc).replace("--qwt_gate", "--gate")) from None
     if args.load_quantized and args.save_quantized:

@@ -161,13 +161,14 @@ def _validate(args: argparse.Namespace) -> None:
     if args.plot and args.load_quantized:
         raise InputError("--plot draws the QwT calibration errors, which a loaded model does not have: "
                          "pass --plot to the run that calibrates (and --save_quantized there)")
-    if args.qwt_gate is not None or args.qwt_ridge is not None:
+    if args.qwt_gate is not None or args.qwt_ridge is not None or args.qwt_solver is not None:
         if args.load_quantized:
-            raise InputError("--qwt_gate/--qwt_ridge set the QwT fit, but --load_quantized reuses the saved one")
+            raise InputError("--qwt_gate/--qwt_ridge/--qwt_solver set the QwT fit, but --load_quantized reuses "
+                             "the saved one")
         if not args.qwerty:
-            raise InputError("--qwt_gate/--qwt_ridge set the QwT fit: add --qwerty")
+            raise InputError("--qwt_gate/--qwt_ridge/--qwt_solver set the QwT fit: add --qwerty")
         try:
-            qwt_overrides(args.qwt_gate, args.qwt_ridge)
+            qwt_overrides(args.qwt_gate, args.qwt_ridge, solver=args.qwt_solver)
         except ValueError as e:
             raise InputError(str(e)) from None
     apply_speed_arguments(args, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -437,7 +438,7 @@ def _prepare(args: argparse.Namespace, rank: int, world: int, device: torch.devi
             cfg = PTQConfig(w, a, patch, qwerty=qwerty, quant_attn_matmul=quant_attn_matmul,
                             start_block=args.start_block, integer_zero_point=args.integer_zero_point,
                             diagnostics=args.diagnostics, progress=progress and is_main_process(),
-                            qwt_gate=args.qwt_gate, qwt_ridge=args.qwt_ridge)
+                            qwt_gate=args.qwt_gate, qwt_ridge=args.qwt_ridge, qwt_solver=args.qwt_solver)
             if args.choice == "image_only":
                 # Published order: classifier from the fp32 text tower first, so that the RepQ-ViT
                 # batch (visual tower → normalised features → classifier) initialises its quantizers.

@@ -27,8 +27,8 @@ class PTQConfig:
     ``patch_embed_bits``: ``(weight bits, input bits)`` of the visual ``conv1`` (published: ``(W, 8)``).
     ``diagnostics`` measures per-block and embedding errors to FP on the QwT calibration data.
     ``qwt_gate`` / ``qwt_ridge``: the QwT gate and ridge (None: the engine default, held-out gate with
-    λ chosen on held-out rows; ``qwt_gate="insample"`` is the papers' rule), see
-    :func:`qwt_core.cli_options.qwt_overrides`.
+    λ chosen on held-out rows; ``qwt_gate="insample"`` is the papers' rule), ``qwt_solver`` the
+    least-squares factorisation (None: ``auto``), see :func:`qwt_core.cli_options.qwt_overrides`.
     """
 
     w_bits: int
@@ -42,6 +42,7 @@ class PTQConfig:
     progress: bool = True
     qwt_gate: Optional[str] = None
     qwt_ridge: Union[float, str, None] = None
+    qwt_solver: Optional[str] = None
 
 
 def split_batches(x: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -61,7 +62,7 @@ def _quantize_tower(qm: QuantizedModel, encode: Callable[[torch.Tensor], torch.T
         report["embedding_rel_mse_repq"] = relative_mse(embeddings(encode, batches), fp_embeddings, device)
     if cfg.qwerty:
         qwt = compensate(qm, batches, start_block=cfg.start_block, progress=cfg.progress,
-                         **qwt_overrides(cfg.qwt_gate, cfg.qwt_ridge))
+                         **qwt_overrides(cfg.qwt_gate, cfg.qwt_ridge, solver=cfg.qwt_solver))
         report["qwt"] = qwt.to_dict()
         if cfg.progress:
             print(qwt.format_table())

@@ -11,6 +11,8 @@
 * ``--qwt_ridge R``: ``ridge=R`` on top of the chosen (or the adapter's) gate.
 
 ``--qwt_gate insample`` (no ridge) is the papers' rule. ``--qwt_ridge auto`` needs the holdout gate.
+``--qwt_solver {auto,eigh,cholesky}`` (default None = ``auto``: Cholesky on CUDA, eigh elsewhere) picks
+the least-squares factorisation; both give the same fit (see :mod:`qwt_core.compensation`).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 GATES = ("holdout", "insample")
+SOLVERS = ("auto", "eigh", "cholesky")
 
 
 def parse_ridge(value: str) -> Union[float, str]:
@@ -43,7 +46,8 @@ def add_qwt_arguments(parser: argparse.ArgumentParser,
                       gate_flags: Sequence[str] = ("--qwt_gate", "--qwt-gate"),
                       ridge_flags: Sequence[str] = ("--qwt_ridge", "--qwt-ridge"),
                       default_note: str = "the adapter's recipe: holdout for token blocks") -> None:
-    """Add ``--qwt_gate`` (dest ``qwt_gate``) and ``--qwt_ridge`` (dest ``qwt_ridge``), default None."""
+    """Add ``--qwt_gate`` (dest ``qwt_gate``), ``--qwt_ridge`` (dest ``qwt_ridge``) and ``--qwt_solver``
+    (dest ``qwt_solver``), default None."""
     parser.add_argument(*gate_flags, dest="qwt_gate", choices=list(GATES), default=None,
                         help=f"QwT gate: holdout (compensate a block iff its held-out R² > 0, λ chosen on "
                              f"held-out rows) or insample (the papers' rule: in-sample R² > 0); default: "
@@ -52,18 +56,25 @@ def add_qwt_arguments(parser: argparse.ArgumentParser,
                         help="QwT ridge λ: 'auto' (holdout gate only) or a number >= 0; default: 'auto' "
                              "with the holdout gate, the reference λ (0 for token blocks, 1e-3 for conv "
                              "blocks) with insample")
+    parser.add_argument("--qwt_solver", "--qwt-solver", dest="qwt_solver", choices=list(SOLVERS), default=None,
+                        help="QwT least-squares factorisation: eigh, cholesky (batched factorisations and "
+                             "GEMMs, no eigendecomposition; used only where it provably gives eigh's fit) "
+                             "or auto (default: cholesky on CUDA, eigh elsewhere)")
 
 
 def qwt_overrides(gate: Optional[str], ridge: Union[float, str, None],
-                  default_gate: str = "holdout") -> dict[str, Any]:
+                  default_gate: str = "holdout", solver: Optional[str] = None) -> dict[str, Any]:
     """The ``compensate`` keyword arguments for the flags (see the module docstring).
 
     ``default_gate``: the gate used when ``--qwt_gate`` is not given (the adapter's, e.g. ``insample``
-    for the published ResNet recipe). Raises ``ValueError`` for ``ridge="auto"`` with the insample gate.
+    for the published ResNet recipe). ``solver``: ``--qwt_solver`` (None: the engine's ``auto``).
+    Raises ``ValueError`` for ``ridge="auto"`` with the insample gate or an unknown gate/solver.
     """
     if gate is not None and gate not in GATES:
         raise ValueError(f"--qwt_gate {gate!r}: use holdout or insample")
-    out: dict[str, Any] = {}
+    if solver is not None and solver not in SOLVERS:
+        raise ValueError(f"--qwt_solver {solver!r}: use auto, eigh or cholesky")
+    out: dict[str, Any] = {} if solver is None else {"solver": solver}
     if gate is not None:
         out["gate"] = gate
         out["ridge"] = "auto" if gate == "holdout" else None

@@ -18,6 +18,17 @@ Two solvers:
   (a quadratic form in Θ of the held-out moments); the block is compensated only if the held-out
   R² > 0; the final Θ is refit on all rows with the chosen λ.
 
+The held-out solver has two factorisations of the same mathematics (``solver``): ``"eigh"`` (one
+eigen-decomposition serves the whole λ grid; the CPU default) and ``"cholesky"`` (one batched
+Cholesky factorisation per λ, triangular solves and GEMMs only; the CUDA default, where ``eigh`` of a
+few hundred columns is latency-bound and its batched form - the grouped conv fitter - loops over
+the groups). ``"cholesky"`` runs only when it provably gives ``"eigh"``'s answer: features that
+never vary (dead ReLU channels) are set aside with weight 0 (:func:`_deflate_dead`), and every
+remaining centred covariance must be certified free of the null directions ``"eigh"`` would drop
+(:func:`_certified_groups`); otherwise the fit falls back to ``"eigh"``. The in-sample gate (a
+Cholesky solve in any case) counts null directions with the same certificate and computes
+eigenvalues only for the groups it cannot certify (``"mixed"``).
+
 * :class:`TokenLeastSquares` - one Linear over the last dim (ViT/DeiT/Swin/CLIP tokens).
 * :class:`GroupedConvLeastSquares` - one grouped k×k conv (ResNet blocks), solved per group.
 """
@@ -41,6 +52,11 @@ RIDGE_GRID: tuple[float, ...] = (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 NULL_RTOL: float = 1e-10
 
 Gate = Literal["holdout", "insample"]
+Solver = Literal["auto", "eigh", "cholesky"]
+#: the Cholesky path is taken when every centred covariance is proved to have its smallest eigenvalue
+#: above ``CERT_MARGIN · null_rtol · trace`` (``trace`` >= the largest eigenvalue): no direction is
+#: then dropped by the ``eigh`` path, whose rounding is far below this margin.
+CERT_MARGIN: float = 10.0
 Ridge = Union[float, Literal["auto"], None]
 ConvR2Mean = Literal["channel", "channel_position"]
 
@@ -125,14 +141,7 @@ class _CentredSystem:
     """
 
     def __init__(self, ata: torch.Tensor, aty: torch.Tensor, null_rtol: float) -> None:
-        d = ata.shape[-1] - 1
-        n = ata[:, d, d]
-        n_safe = n.clamp_min(1e-30)[:, None]
-        self.mu = ata[:, :d, d] / n_safe                      # (G, d)
-        self.ybar = aty[:, d, :] / n_safe                     # (G, m)
-        cxx = ata[:, :d, :d] - n[:, None, None] * self.mu[:, :, None] * self.mu[:, None, :]
-        cxy = aty[:, :d, :] - n[:, None, None] * self.mu[:, :, None] * self.ybar[:, None, :]
-        cxx = 0.5 * (cxx + cxx.transpose(1, 2))
+        self.mu, self.ybar, cxx, cxy = _centre(ata, aty)
         e, v = torch.linalg.eigh(cxx)
         e_max = e[:, -1:].clamp_min(0.0)
         self.keep = (e > null_rtol * e_max) & (e_max > 0)
@@ -151,16 +160,7 @@ class _CentredSystem:
         each λ then costs ``O(d²)``, instead of two such GEMMs per λ (:meth:`theta` and
         :meth:`Stats.ss_res`).
         """
-        d = self.mu.shape[-1]
-        ata, aty = val.ata, val.aty
-        n = ata[:, d, d]                                          # (G,)
-        sx, sy = ata[:, :d, d], aty[:, d, :]                      # (G, d), (G, m)
-        mu, ybar = self.mu, self.ybar
-        sxx = (ata[:, :d, :d] - mu[:, :, None] * sx[:, None, :] - sx[:, :, None] * mu[:, None, :]
-               + n[:, None, None] * mu[:, :, None] * mu[:, None, :])
-        sxy = (aty[:, :d, :] - mu[:, :, None] * sy[:, None, :] - sx[:, :, None] * ybar[:, None, :]
-               + n[:, None, None] * mu[:, :, None] * ybar[:, None, :])
-        syy = val.yy - 2 * (ybar * sy).sum() + (n * ybar.pow(2).sum(-1)).sum()
+        sxx, sxy, syy = _centred_on(val, self.mu, self.ybar)
         vt = self.v.transpose(1, 2)
         h = (self.z * (vt @ sxy)).sum(-1)                         # (G, d)
         pq = (vt @ sxx @ self.v) * (self.z @ self.z.transpose(1, 2))  # (G, d, d)
@@ -182,6 +182,126 @@ class _CentredSystem:
         w = self.v @ (f[:, :, None] * self.z)                 # (G, d, m)
         b = self.ybar - (self.mu[:, None, :] @ w).squeeze(1)  # (G, m)
         return torch.cat([w, b[:, None, :]], dim=1)
+
+
+def _centre(ata: torch.Tensor, aty: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(mu (G, d), ybar (G, m), Cxx (G, d, d) symmetrised, Cxy (G, d, m))`` of moments with the
+    constant column last: means and centred (co)variance sums of the rows."""
+    d = ata.shape[-1] - 1
+    n = ata[:, d, d]
+    n_safe = n.clamp_min(1e-30)[:, None]
+    mu = ata[:, :d, d] / n_safe
+    ybar = aty[:, d, :] / n_safe
+    cxx = ata[:, :d, :d] - n[:, None, None] * mu[:, :, None] * mu[:, None, :]
+    cxy = aty[:, :d, :] - n[:, None, None] * mu[:, :, None] * ybar[:, None, :]
+    return mu, ybar, 0.5 * (cxx + cxx.transpose(1, 2)), cxy
+
+
+def _centred_on(val: Stats, mu: torch.Tensor, ybar: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(Sxx (G, d, d), Sxy (G, d, m), Syy ())``: the moments of ``val``'s rows centred on another
+    set's means ``mu`` ``(G, d)``, ``ybar`` ``(G, m)`` (the held-out residual of a fit with intercept
+    ``ybar - muᵀW`` is ``Syy - 2<W, Sxy> + <W, Sxx W>``)."""
+    d = mu.shape[-1]
+    ata, aty = val.ata, val.aty
+    n = ata[:, d, d]                                          # (G,)
+    sx, sy = ata[:, :d, d], aty[:, d, :]                      # (G, d), (G, m)
+    sxx = (ata[:, :d, :d] - mu[:, :, None] * sx[:, None, :] - sx[:, :, None] * mu[:, None, :]
+           + n[:, None, None] * mu[:, :, None] * mu[:, None, :])
+    sxy = (aty[:, :d, :] - mu[:, :, None] * sy[:, None, :] - sx[:, :, None] * ybar[:, None, :]
+           + n[:, None, None] * mu[:, :, None] * ybar[:, None, :])
+    syy = val.yy - 2 * (ybar * sy).sum() + (n * ybar.pow(2).sum(-1)).sum()
+    return sxx, sxy, syy
+
+
+def _certified_groups(cxx: torch.Tensor, null_rtol: float) -> torch.Tensor:
+    """``(G,)`` bool: True where no eigenvalue of ``cxx[g]`` (symmetric PSD) is ``<= null_rtol · e_max``,
+    proved without an eigen-decomposition: the Cholesky factorisation of ``Cxx - τI`` completes, with
+    ``τ = (CERT_MARGIN · null_rtol + 2·d²·u) · trace(Cxx)`` (``u`` the unit roundoff). A completed
+    factorisation of a symmetric ``M`` is the exact one of ``M + ΔM`` with ``|ΔM| <= γ_{d+1}|Lᵀ||L|``,
+    hence ``‖ΔM‖₂ ≲ d·γ_{d+1}·‖M‖₂ ≈ d²·u·‖M‖₂`` (the backward error of Cholesky: Higham, *Accuracy and
+    Stability of Numerical Algorithms*, 2nd ed., §10.1), so
+    ``e_min(Cxx) >= τ - d²·u·trace >= CERT_MARGIN · null_rtol · trace``, and ``trace(Cxx) >= e_max``.
+    False where not proved (some direction within about 10× of the null threshold). No host read."""
+    d = cxx.shape[-1]
+    trace = torch.diagonal(cxx, dim1=-2, dim2=-1).sum(-1)               # (G,) >= e_max
+    unit = torch.finfo(cxx.dtype).eps / 2
+    tau = (CERT_MARGIN * null_rtol + 2.0 * d * d * unit) * trace
+    eye = torch.eye(d, dtype=cxx.dtype, device=cxx.device)
+    _, info = torch.linalg.cholesky_ex(cxx - tau[:, None, None] * eye)
+    return (info == 0) & (trace > 0) & torch.isfinite(trace)
+
+
+def _certified_full_rank(cxx: torch.Tensor, null_rtol: float) -> bool:
+    """:func:`_certified_groups` for every group (one host read)."""
+    return bool(_certified_groups(cxx, null_rtol).all())
+
+
+def _deflate_dead(cxx: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``(Cxx', k)``: features that never vary (a dead ReLU channel: an exactly zero row and column
+    of the centred covariance, and of ``Cxy``) get a unit-scale diagonal entry instead of 0, so that
+    the remaining matrix can be certified and factorised with its shape kept; their weight solves
+    ``(c + λ)·w = 0``, i.e. 0, as on ``eigh``'s null space. ``k``: how many (summed over groups)."""
+    diag = torch.diagonal(cxx, dim1=-2, dim2=-1)
+    dead = diag == 0
+    k = int(dead.sum())
+    if k == 0:
+        return cxx, 0
+    fill = diag.sum(-1) / (~dead).sum(-1).clamp_min(1)       # (G,) mean variance of the live features
+    fill = torch.where(fill > 0, fill, torch.ones_like(fill))
+    return cxx + torch.diag_embed(dead.to(cxx.dtype) * fill[:, None]), k
+
+
+class _CholeskySystem:
+    """:class:`_CentredSystem`'s solutions by Cholesky factorisations (one per λ, batched), for
+    covariances certified full rank (:func:`_certified_full_rank`) once features that never vary are
+    set aside (:func:`_deflate_dead`): then ``eigh`` drops exactly those directions, and
+    ``W(λ) = (Cxx + λI)⁻¹ Cxy`` (zero on the dead features), ``b = ȳ - μᵀW`` is the same solution.
+    Only batched factorisations, triangular solves and GEMMs: no eigen-decomposition (slow on GPUs at
+    these sizes)."""
+
+    def __init__(self, ata: torch.Tensor, aty: torch.Tensor) -> None:
+        self.mu, self.ybar, cxx, self.cxy = _centre(ata, aty)
+        d = cxx.shape[-1]
+        self.scale = torch.diagonal(cxx, dim1=-2, dim2=-1).sum(-1) / d  # (G,) trace(Cxx)/d
+        self.cxx, self.rank_deficiency = _deflate_dead(cxx)
+
+    def weights(self, lams: torch.Tensor) -> torch.Tensor:
+        """``(J, G, d, m)``: ``W`` for each row of ``lams`` ``(J, G)``."""
+        d = self.cxx.shape[-1]
+        eye = torch.eye(d, dtype=self.cxx.dtype, device=self.cxx.device)
+        mats = self.cxx[None] + lams[:, :, None, None] * eye
+        chol, info = torch.linalg.cholesky_ex(mats)
+        if bool(info.any()):  # cannot happen for certified Cxx and λ >= 0; never silently wrong
+            raise RuntimeError("QwT Cholesky solve: a certified covariance plus λ·I did not factorise; "
+                               "pass solver='eigh'")
+        rhs = self.cxy[None].expand(lams.shape[0], *self.cxy.shape)
+        z = torch.linalg.solve_triangular(chol, rhs, upper=False)
+        return torch.linalg.solve_triangular(chol.transpose(-2, -1), z, upper=True)
+
+    def heldout_ss_res(self, val: Stats, lams: Sequence[torch.Tensor]) -> list[float]:
+        """``Σ (y - AΘ(λ))²`` over the rows of ``val`` for each ``λ`` ``(G,)`` in ``lams`` (one host
+        read for the whole grid)."""
+        sxx, sxy, syy = _centred_on(val, self.mu, self.ybar)
+        w = self.weights(torch.stack(list(lams)))                  # (J, G, d, m)
+        ss = syy - 2 * (w * sxy).sum((1, 2, 3)) + (w * (sxx @ w)).sum((1, 2, 3))
+        return ss.tolist()
+
+    def theta(self, lam: torch.Tensor) -> torch.Tensor:
+        """``(G, D, m)`` solution for the per-group ridge ``lam`` ``(G,)``."""
+        w = self.weights(lam[None])[0]
+        b = self.ybar - (self.mu[:, None, :] @ w).squeeze(1)
+        return torch.cat([w, b[:, None, :]], dim=1)
+
+
+def _resolve_solver(solver: str, device: torch.device) -> str:
+    if solver not in ("auto", "eigh", "cholesky"):
+        raise ValueError(f"solver={solver!r}: use 'auto' (Cholesky on CUDA, eigh elsewhere), 'eigh' or "
+                         "'cholesky'")
+    if solver == "auto":
+        return "cholesky" if device.type == "cuda" else "eigh"
+    return solver
 
 
 def rank_deficiency(ata: torch.Tensor, null_rtol: float = NULL_RTOL) -> int:
@@ -208,7 +328,10 @@ class Fit:
     ``theta`` ``(G, D, m)`` float64 is the solution (constant row last); ``ridge`` the absolute λ of the
     final solve (mean over groups), ``ridge_rel`` the chosen grid multiple (None for a fixed λ);
     ``mse_before``/``mse_after``: mean squared error of the block output vs FP on all calibration rows
-    without / with the compensation (``mse_after == mse_before`` when not applied).
+    without / with the compensation (``mse_after == mse_before`` when not applied); ``solver``: the
+    factorisation that ran: ``"cholesky"`` (no eigendecomposition), ``"eigh"`` (also when ``"cholesky"``
+    was asked for and a covariance could not be certified full rank) or ``"mixed"`` (in-sample gate:
+    the eigenvalues of the groups that could not be certified only, for the rank count).
     """
 
     module: nn.Module
@@ -224,6 +347,7 @@ class Fit:
     mse_before: Optional[float] = None
     mse_after: Optional[float] = None
     rank_deficiency: Optional[int] = None
+    solver: Optional[str] = None
 
 
 def _check_gate_args(gate: str, ridge: Ridge) -> None:
@@ -261,18 +385,21 @@ class _LeastSquares:
 
     @torch.no_grad()
     def fit(self, gate: Gate = "holdout", ridge: Ridge = None, null_rtol: float = NULL_RTOL,
-            grid: Sequence[float] = RIDGE_GRID) -> Fit:
+            grid: Sequence[float] = RIDGE_GRID, solver: Solver = "auto") -> Fit:
         """Solve and decide whether to compensate.
 
         gate ``"insample"``: reference Cholesky solve with λ = ``ridge`` (None: ``self.ridge``) on all
         rows, applied iff in-sample R² > 0 (a held-out R² of the same solver fitted on the fit rows is
         reported when there are held-out rows). gate ``"holdout"``: λ from ``grid`` (``ridge="auto"`` or
         None) or fixed (a float), chosen and judged on the held-out rows, refit on all rows.
+        ``solver``: ``"eigh"``, ``"cholesky"`` (the same solutions, taken only when proved to be:
+        see the module docstring) or ``"auto"`` (Cholesky for moments on CUDA, eigh elsewhere).
         """
         _check_gate_args(gate, ridge)
         every, fit_s, val = self._stats((0, 1)), self._stats((0,)), self._stats((1,))
         if every.rows == 0:
             raise ValueError("QwT least squares saw no rows (every row masked out?)")
+        solver = _resolve_solver(solver, every.ata.device)
         ridge_rel: Optional[float] = None
         if gate == "insample":
             lam = float(self.ridge if ridge is None else ridge)
@@ -282,14 +409,34 @@ class _LeastSquares:
             r2_ho = None
             if val.rows > 0 and fit_s.rows > 0:
                 r2_ho = val.r2(solve_normal_equations(fit_s.ata, fit_s.aty, lam))
-            rank_def = rank_deficiency(every.ata, null_rtol)
+            if solver == "cholesky":  # rank_deficiency() without eigenvalues where certified
+                cxx = _centre(every.ata, every.aty)[2]
+                ok = _certified_groups(_deflate_dead(cxx)[0], null_rtol).cpu()
+                dead = (torch.diagonal(cxx, dim1=-2, dim2=-1) == 0).sum(-1).cpu()
+                rank_def = int(dead[ok].sum())
+                if not bool(ok.all()):  # eigenvalues of the groups that could not be certified only
+                    bad = (~ok).nonzero().flatten().to(every.ata.device)
+                    rank_def += rank_deficiency(every.ata.index_select(0, bad), null_rtol)
+                    solver = "mixed" if bool(ok.any()) else "eigh"
+            else:
+                rank_def = rank_deficiency(every.ata, null_rtol)
             applied, r2, lam_report = r2_in > 0, r2_in, lam
         else:
             if val.rows == 0 or fit_s.rows == 0:
                 raise ValueError(f"gate='holdout' needs fit and held-out rows, got {fit_s.rows} fit and "
                                  f"{val.rows} held-out rows: pass more calibration samples or "
                                  "gate='insample'")
-            system = _CentredSystem(fit_s.ata, fit_s.aty, null_rtol)
+            system: Union[_CentredSystem, _CholeskySystem]
+            full: Union[_CentredSystem, _CholeskySystem]
+            if solver == "cholesky":
+                system = _CholeskySystem(fit_s.ata, fit_s.aty)
+                full = _CholeskySystem(every.ata, every.aty)
+                if not (_certified_full_rank(system.cxx, null_rtol)
+                        and _certified_full_rank(full.cxx, null_rtol)):
+                    solver = "eigh"
+            if solver == "eigh":
+                system = _CentredSystem(fit_s.ata, fit_s.aty, null_rtol)
+                full = _CentredSystem(every.ata, every.aty, null_rtol)
             auto = ridge is None or ridge == "auto"
             candidates = [float(g) for g in grid] if auto else [float(ridge)]
             lams = [c * system.scale if auto else torch.full_like(system.scale, c) for c in candidates]
@@ -298,7 +445,6 @@ class _LeastSquares:
                 if ss < best_ss:  # ties keep the smaller λ (grid is increasing)
                     best_ss, best = ss, c
             r2_ho = _r2(best_ss, float(val.ss_tot))
-            full = _CentredSystem(every.ata, every.aty, null_rtol)
             lam_t = best * full.scale if auto else torch.full_like(full.scale, best)
             theta = full.theta(lam_t)
             ss_every = every.ss_res(theta)
@@ -312,7 +458,7 @@ class _LeastSquares:
         return Fit(module=self._module(theta), r2=r2, rows=every.rows, theta=theta, applied=applied,
                    r2_insample=r2_in, r2_heldout=r2_ho, rows_heldout=val.rows, ridge=lam_report,
                    ridge_rel=ridge_rel, mse_before=mse_before, mse_after=max(mse_after, 0.0),
-                   rank_deficiency=rank_def)
+                   rank_deficiency=rank_def, solver=solver)
 
     def finite(self) -> tuple[bool, bool]:
         """``(features finite, targets finite)`` of the accumulated moments."""

@@ -38,8 +38,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .compensation import (NULL_RTOL, RIDGE_GRID, CompensatedBlock, ConvR2Mean, Fit, Gate,
-                           GroupedConvLeastSquares, Ridge, TokenLeastSquares, _check_gate_args)
+from .compensation import (NULL_RTOL, RIDGE_GRID, CompensatedBlock, ConvR2Mean, Fit, Gate, Solver,
+                           GroupedConvLeastSquares, Ridge, TokenLeastSquares, _check_gate_args,
+                           _resolve_solver)
 from .distributed import all_reduce_sum, is_main_process
 from .modules import quant_disabled
 
@@ -75,7 +76,9 @@ class BlockReport:
     fit (mean over groups for the conv form), ``ridge_rel`` its multiple of the mean feature variance
     eigenvalue (``"auto"`` only). ``mse_before``/``mse_after``: mean squared error of the block output
     vs FP on all calibration rows, without / with the compensation. ``rank_deficiency``: number of
-    numerically null directions of the centred feature covariance (summed over groups).
+    numerically null directions of the centred feature covariance (summed over groups). ``solver``:
+    the factorisation that solved the block (``"eigh"``, ``"cholesky"`` or ``"mixed"``: see
+    :class:`qwt_core.compensation.Fit`).
     """
 
     index: int
@@ -92,6 +95,7 @@ class BlockReport:
     seconds: float = 0.0
     rows_heldout: int = 0
     ridge_rel: Optional[float] = None
+    solver: Optional[str] = None
 
 
 @dataclass
@@ -103,10 +107,11 @@ class QwTReport:
     gate: str = "holdout"
     ridge: Union[str, float, None] = None
     form: str = "token"
+    solver: str = "auto"
 
     def to_dict(self) -> dict[str, Any]:
         return {"seconds": self.seconds, "gate": self.gate, "ridge": self.ridge, "form": self.form,
-                "blocks": [_finite_or_none(asdict(b)) for b in self.blocks]}
+                "solver": self.solver, "blocks": [_finite_or_none(asdict(b)) for b in self.blocks]}
 
     def format_table(self) -> str:
         def num(v, fmt):
@@ -248,7 +253,7 @@ def apply_qwt(model: nn.Module, block_names: Sequence[str], calib_batches: Itera
               store_device: Optional[torch.device | str] = None, progress: bool = True,
               gate: Gate = "holdout", conv_r2_mean: ConvR2Mean = "channel_position",
               holdout_period: int = 4, null_rtol: float = NULL_RTOL,
-              ridge_grid: Sequence[float] = RIDGE_GRID) -> QwTReport:
+              ridge_grid: Sequence[float] = RIDGE_GRID, solver: Solver = "auto") -> QwTReport:
     """Add QwT compensation to the blocks of a quantized ``model`` (in place, at the end).
 
     Args:
@@ -276,6 +281,12 @@ def apply_qwt(model: nn.Module, block_names: Sequence[str], calib_batches: Itera
             iff ``s % holdout_period == 1``.
         null_rtol: relative eigenvalue threshold of the numerical null space (holdout solver).
         ridge_grid: λ multiples tried by ``ridge="auto"``.
+        solver: how each block's least squares is factorised: ``"eigh"`` (one eigen-decomposition per
+            system serves the whole λ grid), ``"cholesky"`` (one batched Cholesky per λ, triangular
+            solves and GEMMs: no eigen-decomposition, which is slow on GPUs at these sizes; taken only
+            where the covariance is certified full rank, so that it gives eigh's solution, else eigh)
+            or ``"auto"`` (default: Cholesky when the model is on CUDA, eigh elsewhere, where it is
+            the faster). The block report says which ran.
     Returns:
         A :class:`QwTReport`.
     Raises:
@@ -286,6 +297,8 @@ def apply_qwt(model: nn.Module, block_names: Sequence[str], calib_batches: Itera
     if form not in ("token", "conv"):
         raise ValueError(f"unknown compensation form {form!r}: use 'token' or 'conv'")
     _check_gate_args(gate, ridge)
+    device = _model_device(model)
+    solver_used = _resolve_solver(solver, device)  # ValueError for an unknown solver
     if conv_r2_mean not in ("channel", "channel_position"):
         raise ValueError(f"conv_r2_mean={conv_r2_mean!r}: use 'channel_position' or 'channel'")
     if not isinstance(holdout_period, int) or holdout_period < 2:
@@ -299,11 +312,11 @@ def apply_qwt(model: nn.Module, block_names: Sequence[str], calib_batches: Itera
         raise ValueError(f"start_block={start_block!r}: use an int in [0, {len(names)}]")
     run = run_block or _default_run_block
     ref_ridge = None if ridge in (None, "auto") else float(ridge)
-    device = _model_device(model)
     store = torch.device(store_device) if store_device is not None else device
     token = form == "token"
     report = QwTReport(gate=gate, ridge=ridge if ridge is not None else
-                       ("auto" if gate == "holdout" else (0.0 if token else 1e-3)), form=form)
+                       ("auto" if gate == "holdout" else (0.0 if token else 1e-3)), form=form,
+                       solver=solver)
     t_start = time.perf_counter()
 
     # ---- block-0 inputs of every batch ---------------------------------------------------------
@@ -374,7 +387,8 @@ def apply_qwt(model: nn.Module, block_names: Sequence[str], calib_batches: Itera
                 warnings.warn(f"QwT block {i} ({name!r}): {rows_fit} fit rows for {features} features "
                               f"(< 10x); {advice}; more calibration samples are advised "
                               "(warned once per run)", stacklevel=3)
-            fit = fitter.fit(gate=gate, ridge=ridge, null_rtol=null_rtol, grid=ridge_grid)
+            fit = fitter.fit(gate=gate, ridge=ridge, null_rtol=null_rtol, grid=ridge_grid,
+                             solver=solver_used)
             if fit.applied:
                 compensation = fit.module.to(device)
                 installs.append((name, block, compensation))
@@ -389,7 +403,7 @@ def apply_qwt(model: nn.Module, block_names: Sequence[str], calib_batches: Itera
                               r2_insample=fit.r2_insample, r2_heldout=fit.r2_heldout, ridge=fit.ridge,
                               mse_before=fit.mse_before, mse_after=fit.mse_after,
                               rank_deficiency=fit.rank_deficiency, seconds=time.perf_counter() - t0,
-                              rows_heldout=fit.rows_heldout, ridge_rel=fit.ridge_rel)
+                              rows_heldout=fit.rows_heldout, ridge_rel=fit.ridge_rel, solver=fit.solver)
             bar.set_postfix(block=name, r2=f"{fit.r2:.3f}" if fit.r2 is not None else "-")
         report.blocks.append(rep)
     # ---- every block fitted: now (and only now) modify the model --------------------------------

@@ -88,3 +88,35 @@ def log_edge_values() -> torch.Tensor:
                       torch.exp2(-torch.rand(200_000, generator=g) * 140), grid,
                       grid.nextafter(torch.tensor(0.0)), grid.nextafter(torch.tensor(1.0)),
                       torch.tensor([float("nan"), float("inf"), -0.0, 1e-45])])
+
+
+def least_squares_fitter(groups: int, case: str, device: str = "cpu"):
+    """A fitter with fit and held-out rows; ``case``: ``"full"`` (well conditioned), ``"null"`` (an
+    exact linear dependence: a direction eigh drops) or ``"ill"`` (a direction at 3e-10 of the largest
+    variance: kept by eigh, beyond what the certificate can prove); with groups: ``"dead"`` (features that
+    are always 0 - dead ReLU channels - in two groups) or ``"dead+null"`` (those and an exact linear
+    dependence in a third group). The moments live on ``device``."""
+    from qwt_core.compensation import GroupedConvLeastSquares, TokenLeastSquares
+
+    g = torch.Generator().manual_seed(5)
+    if groups == 1:
+        x = (torch.randn(40, 9, 24, generator=g) * torch.logspace(-1, 1, 24) + 3.0).double()
+        if case == "null":
+            x[..., 5] = 2 * x[..., 3] - x[..., 7]
+        elif case == "ill":
+            x[..., 5] = x[..., 3] + 3e-4 * torch.randn(40, 9, generator=g, dtype=torch.float64)
+        y = x @ torch.randn(24, 16, generator=g, dtype=torch.float64) * 0.1 \
+            + torch.randn(40, 9, 16, generator=g, dtype=torch.float64)
+        fitter = TokenLeastSquares(24, 16, device=device)
+    else:
+        x = torch.randn(40, 8, 5, 5, generator=g) + 1.0
+        if case == "null":
+            x[:, 1] = x[:, 0]  # group 0's two channels equal
+        if case.startswith("dead"):
+            x[:, 0], x[:, 3] = 0.0, 0.0  # one dead channel in groups 0 and 1
+        if case == "dead+null":
+            x[:, 5] = 2.0 * x[:, 4]
+        y = 0.3 * x[:, :6].repeat(1, 2, 1, 1) + torch.randn(40, 12, 5, 5, generator=g)
+        fitter = GroupedConvLeastSquares(8, 12, 1, kernel_size=1, group_channels=2, device=device)
+    fitter.update(x.float().to(device), y.float().to(device), heldout=torch.arange(40) % 4 == 1)
+    return fitter

@@ -606,14 +606,16 @@ def test_qwt_gate_flag_reaches_apply_qwt(clip_data, tmp_path):
         assert all(b["r2"] == b["r2_heldout"] for b in hold[tower]["qwt"]["blocks"])
     fixed = prepare(args + ["--qwt-ridge", "0.25"]).results
     assert (fixed["qwt_gate"], fixed["qwt_ridge"]) == ("holdout", 0.25)
+    assert all(hold[t]["qwt"]["solver"] == "auto" for t in ("visual", "text"))
 
 
 def test_qwt_gate_option_errors(clip_data, tmp_path, capsys):
     args = _base_args(clip_data, "image_only", tmp_path / "r.json")
     assert "add --qwerty" in _exit_message(args + ["--qwt_gate", "insample"])
+    assert "add --qwerty" in _exit_message(args + ["--qwt_solver", "eigh"])
     assert "needs --qwt_gate holdout" in _exit_message(args + ["--qwerty", "--qwt_gate", "insample",
                                                                "--qwt_ridge", "auto"])
-    for bad in (["--qwt_gate", "oracle"], ["--qwt_ridge", "-1"]):
+    for bad in (["--qwt_gate", "oracle"], ["--qwt_ridge", "-1"], ["--qwt_solver", "qr"]):
         with pytest.raises(SystemExit) as exc:
             main(args + ["--qwerty"] + bad)
         assert exc.value.code == 2 and bad[0] in capsys.readouterr().err

@@ -272,7 +272,8 @@ def test_qwt_gate_flag_reaches_apply_qwt(data_dir, tmp_path):
 
     runs = {}
     for name, extra in (("default", []), ("insample", ["--qwt_gate", "insample"]),
-                        ("fixed", ["--qwt-gate", "holdout", "--qwt-ridge", "0.5"])):
+                        ("fixed", ["--qwt-gate", "holdout", "--qwt-ridge", "0.5"]),
+                        ("cholesky", ["--qwt_solver", "cholesky"])):
         out = tmp_path / f"{name}.json"
         cli.main(base_argv("deit_small", data_dir, str(out)) + extra)
         runs[name] = json.loads(out.read_text())
@@ -287,6 +288,11 @@ def test_qwt_gate_flag_reaches_apply_qwt(data_dir, tmp_path):
     assert [b["r2"] for b in ins] != [b["r2"] for b in hold]
     assert all(b["ridge"] == 0.0 for b in ins)
     assert all(b["ridge"] == pytest.approx(0.5) for b in runs["fixed"]["qwt"]["blocks"])
+    # --qwt_solver reaches every block (auto: eigh on the CPU); Cholesky gives eigh's decisions
+    assert runs["default"]["qwt"]["solver"] == "auto" and {b["solver"] for b in hold} == {"eigh"}
+    chol = runs["cholesky"]["qwt"]["blocks"]
+    assert runs["cholesky"]["qwt"]["solver"] == "cholesky" and {b["solver"] for b in chol} == {"cholesky"}
+    assert [b["applied"] for b in chol] == [b["applied"] for b in hold]
 
 
 def test_qwt_gate_flag_overrides_resnet_recipe(data_dir):
@@ -307,6 +313,9 @@ def test_qwt_gate_flag_overrides_resnet_recipe(data_dir):
     assert effective("--qwt_gate", "holdout") == ("holdout", "auto")
     assert effective("--qwt_ridge", "0.01") == ("insample", 0.01)
     assert effective("--qwt_gate", "holdout", "--qwt_ridge", "0") == ("holdout", 0.0)
+    args = cli.build_parser().parse_args(base_argv("resnet18", data_dir, os.devnull) + ["--qwt-solver", "eigh"])
+    cli.validate_args(args)
+    assert qwt_options(qm, **args.qwt_options)["solver"] == "eigh"
 
 
 @pytest.mark.parametrize("extra,needle", [
@@ -316,6 +325,8 @@ def test_qwt_gate_flag_overrides_resnet_recipe(data_dir):
     (["--qwt_ridge", "nan"], "--qwt_ridge"),
     (["--qwt_gate", "insample", "--qwt_ridge", "auto"], "holdout"),
     (["--qwt_gate", "insample", "--skip_qwt"], "--skip_qwt"),
+    (["--qwt_solver", "qr"], "--qwt_solver"),
+    (["--qwt_solver", "eigh", "--skip_qwt"], "--skip_qwt"),
 ])
 def test_qwt_gate_bad_values(data_dir, capsys, extra, needle):
     msg = _one_line_exit(base_argv("deit_small", data_dir, os.devnull) + extra, capsys)

@@ -6,7 +6,8 @@ GPU machine.
 * the fused (``torch.compile``) fake-quant kernels give the eager CUDA values bit for bit;
 * a model quantized on the CPU runs on CUDA with the same outputs up to float rounding;
   calibration on CUDA is as good as on the CPU, and QwT on CUDA lowers the block errors;
-* the QwT moments are accumulated on the device, in float64;
+* the QwT moments are accumulated on the device, in float64, and solved there by the Cholesky
+  path (no eigen-decomposition) with the CPU eigh fit's result;
 * a quantized model on the GPU exports the same ONNX graph as its CPU copy;
 * ``torch.compile`` of the whole quantized model on the GPU: one graph, the eager values through
   ``aot_eager``, and inductor's (Triton) build runs.
@@ -20,8 +21,8 @@ import torch
 import qwt_core
 import qwt_core.compensation as comp
 import qwt_core.quantizers as qz
-from tests.helpers_models import (block_errors_with_and_without_qwt, images, log_edge_values, tiny_resnet,
-                                  tiny_swin, tiny_vit)
+from tests.helpers_models import (block_errors_with_and_without_qwt, images, least_squares_fitter,
+                                  log_edge_values, tiny_resnet, tiny_swin, tiny_vit)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -152,6 +153,43 @@ def test_cuda_qwt_moments_stay_on_device_in_float64(kind, monkeypatch):
         monkeypatch.setattr(cls, "update", recording)
     qm, x = _compensated_on_cuda(kind)
     assert seen and all(s == {("cuda", torch.float64)} for s in seen), seen
+
+
+@pytest.mark.parametrize("gate", ["holdout", "insample"])
+@pytest.mark.parametrize("groups", [1, 4])
+def test_cuda_qwt_solve_is_cholesky_with_the_cpu_eigh_fit(groups, gate):
+    """On CUDA the default solver is the Cholesky path (batched factorisations and GEMMs, no
+    ``eigh``), and it gives the CPU eigh fit; a covariance with a null direction falls back to eigh."""
+    ref = least_squares_fitter(groups, "full").fit(gate=gate, solver="eigh")
+    got = least_squares_fitter(groups, "full", device="cuda").fit(gate=gate)
+    assert got.solver == "cholesky" and got.theta.device.type == "cuda"
+    assert (got.applied, got.ridge_rel, got.rank_deficiency) == (ref.applied, ref.ridge_rel, 0)
+    assert float((got.theta.cpu() - ref.theta).abs().max()) < 1e-9 * float(ref.theta.abs().max())
+    assert got.r2 == pytest.approx(ref.r2, rel=1e-9, abs=1e-12)
+    null = least_squares_fitter(groups, "null", device="cuda").fit(gate=gate)
+    # in-sample gate with groups: eigenvalues of the uncertified group only
+    assert null.solver == ("mixed" if groups > 1 and gate == "insample" else "eigh")
+    assert null.rank_deficiency > 0
+
+
+def test_cuda_qwt_of_a_vit_runs_no_eigendecomposition(monkeypatch):
+    """``compensate`` on CUDA (default solver): every block of a calibrated ViT is solved by the
+    Cholesky path, and ``torch.linalg.eigh``/``eigvalsh`` are never called."""
+    calls = []
+    for name in ("eigh", "eigvalsh"):
+        original = getattr(torch.linalg, name)
+
+        def counting(*args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(torch.linalg, name, counting)
+    torch.manual_seed(0)
+    qm = qwt_core.quantize_timm_vit(tiny_vit().to(CUDA), 4, 4)
+    x = images(8, 32, seed=3).to(CUDA)
+    qwt_core.calibrate_repq(qm, x)
+    report = qwt_core.compensate(qm, [x[:4], x[4:]], progress=False)
+    assert {b.solver for b in report.blocks} == {"cholesky"} and not calls, calls
 
 
 def test_cuda_model_exports_the_cpu_onnx(tmp_path):

@@ -325,7 +325,8 @@ def test_qwt_gate_insample_flag_reaches_apply_qwt(tiny_config, legacy_checkpoint
 
 
 @pytest.mark.parametrize("extra,needle", [(["--qwt_gate", "oracle"], "2"), (["--qwt_ridge", "-3"], "2"),
-                                          (["--qwt_gate", "insample", "--qwt_ridge", "auto"], "holdout")])
+                                          (["--qwt_gate", "insample", "--qwt_ridge", "auto"], "holdout"),
+                                          (["--qwt_solver", "qr"], "2")])
 def test_bad_qwt_gate_or_ridge(tiny_config, legacy_checkpoint, extra, needle, capsys):
     msg = _exit_message([str(tiny_config), str(legacy_checkpoint[0]), "--device", "cpu", *extra])
     assert needle in msg

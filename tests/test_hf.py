@@ -333,20 +333,30 @@ def test_cli_decoder_end_to_end(assets, tmp_path):
 
 
 def test_cli_qwt_gate_alias_and_ridge(assets, tmp_path, capsys):
-    """--qwt_gate (the other scripts' name) is --gate; --qwt_ridge reaches the fit; both go to the JSON."""
+    """--qwt_gate (the other scripts' name) is --gate; --qwt_ridge reaches the fit; both go to the JSON;
+    --qwt_solver reaches the QwT report."""
     base = ["--model", assets["llama"], "--calib-text", assets["calib"], "--eval-text", assets["eval"],
             "--calib-size", "48", "--eval-size", "8"]
-    for extra, gate, ridge in ((["--qwt_gate", "insample"], "insample", 0.0),
-                               (["--gate", "holdout", "--qwt_ridge", "0.5"], "holdout", 0.5)):
-        out = str(tmp_path / f"{gate}.json")
+    for k, (extra, gate, ridge) in enumerate(((["--qwt_gate", "insample"], "insample", 0.0),
+                                              (["--gate", "holdout", "--qwt_ridge", "0.5"], "holdout", 0.5),
+                                              (["--qwt_ridge", "0.5", "--qwt_solver", "cholesky"], "holdout",
+                                               0.5))):
+        out = str(tmp_path / f"run{k}.json")
         assert _run_cli(base + extra + ["--output", out]) == 0
         res = json.load(open(out))
         assert (res["qwt_gate"], res["qwt_ridge"]) == (gate, ridge) and res["qwt_report"]["gate"] == gate
         assert all(b["ridge"] == pytest.approx(ridge) for b in res["qwt_report"]["blocks"])
+        # --qwt_solver reaches the report (auto otherwise: eigh on the CPU)
+        solver = "cholesky" if "--qwt_solver" in extra else "auto"
+        assert res["qwt_report"]["solver"] == solver
+        assert {b["solver"] for b in res["qwt_report"]["blocks"]} <= {"eigh", "cholesky"}
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
         _run_cli(base + ["--qwt_ridge", "-1"])
     assert exc.value.code == 2 and "--qwt_ridge" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        _run_cli(base + ["--qwt_solver", "qr"])
+    assert exc.value.code == 2 and "--qwt_solver" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra,message", [

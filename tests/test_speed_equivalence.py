@@ -20,7 +20,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import qwt_core
 import qwt_core.quantizers as qz
 from qwt_core.modules import QuantConv2d, QuantLinear, quantizers
-from tests.helpers_models import images, kthvalue_quantile, log_edge_values, tiny_resnet, tiny_swin, tiny_vit
+from tests.helpers_models import (images, kthvalue_quantile, least_squares_fitter, log_edge_values, tiny_resnet,
+                                  tiny_swin, tiny_vit)
 
 ADAPTERS = {"vit": (tiny_vit, qwt_core.quantize_timm_vit, 32),
             "swin": (tiny_swin, qwt_core.quantize_timm_swin, 56),
@@ -419,6 +420,89 @@ def test_heldout_grid_in_eigenbasis_equals_per_lambda_residuals(groups, rank_def
     direct = [val.ss_res(system.theta(lam)) for lam in lams]
     assert fast == pytest.approx(direct, rel=1e-9)
     assert min(range(len(fast)), key=fast.__getitem__) == min(range(len(direct)), key=direct.__getitem__)
+
+
+@pytest.mark.parametrize("gate,ridge", [("holdout", "auto"), ("holdout", 0.5), ("insample", None)])
+@pytest.mark.parametrize("groups,case", [(1, "full"), (1, "null"), (1, "ill"), (4, "full"), (4, "null"),
+                                         (4, "dead"), (4, "dead+null")])
+def test_cholesky_solver_gives_the_eigh_fit(groups, case, gate, ridge):
+    """``solver="cholesky"`` (batched Cholesky per λ, no eigen-decomposition: the CUDA default) gives
+    the eigh solver's fit where the covariances are certified full rank once dead features (always 0)
+    are set aside, and falls back to eigh - the very same fit - where a direction is numerically null
+    or too close to it to prove otherwise (the in-sample gate's rank count: in those groups only)."""
+    fitter = least_squares_fitter(groups, case)
+    ref = fitter.fit(gate=gate, ridge=ridge, solver="eigh")
+    got = fitter.fit(gate=gate, ridge=ridge, solver="cholesky")
+    assert ref.solver == "eigh"
+    # in-sample gate, groups: the rank count computes the eigenvalues of the uncertified group only
+    partial = gate == "insample" and groups > 1 and case in ("null", "dead+null")
+    assert got.solver == ("cholesky" if case in ("full", "dead") else "mixed" if partial else "eigh")
+    assert (got.applied, got.ridge_rel, got.rank_deficiency, got.rows) == \
+        (ref.applied, ref.ridge_rel, ref.rank_deficiency, ref.rows)
+    assert ref.rank_deficiency == {"null": 1, "dead": 2, "dead+null": 3}.get(case, 0)
+    if got.solver == "eigh" or partial:  # the in-sample solve itself is the reference Cholesky one
+        assert torch.equal(got.theta, ref.theta) and got.r2 == ref.r2
+    else:
+        scale = float(ref.theta.abs().max())
+        assert float((got.theta - ref.theta).abs().max()) < 1e-9 * scale
+        assert got.r2 == pytest.approx(ref.r2, rel=1e-9, abs=1e-12)
+        assert got.r2_insample == pytest.approx(ref.r2_insample, rel=1e-9, abs=1e-12)
+        assert got.ridge == pytest.approx(ref.ridge, rel=1e-9)
+    if gate == "holdout":
+        assert fitter.fit(gate=gate, ridge=ridge).solver == "eigh"  # auto on the CPU
+
+
+def test_full_rank_certificate_never_certifies_a_direction_eigh_drops():
+    """The certificate behind the Cholesky path (``Cxx - τI`` factorises, ``τ ≈ 10·null_rtol·trace``):
+    over covariances whose smallest eigenvalue sweeps from 1e-2 to 1e-16 of the largest (and exact
+    zeros), it is never true where eigh counts a null direction, and true down to 1e-8 (1e-10 is
+    eigh's threshold; the trace here is 7× the largest eigenvalue)."""
+    from qwt_core.compensation import NULL_RTOL, _certified_full_rank, rank_deficiency
+
+    g = torch.Generator().manual_seed(3)
+    d = 48
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    seen = {True: 0, False: 0}
+    for exp in range(2, 17):
+        for n_small in (1, 5):
+            e = torch.logspace(0, 3, d, dtype=torch.float64)
+            e[:n_small] = e[-1] * 10.0 ** -exp
+            cxx = (q * e) @ q.T
+            cxx = 0.5 * (cxx + cxx.T)
+            ata = torch.zeros(d + 1, d + 1, dtype=torch.float64)
+            ata[:d, :d], ata[d, d] = cxx, 1.0  # zero mean, so the centred covariance is cxx
+            certified = _certified_full_rank(cxx[None], NULL_RTOL)
+            seen[certified] += 1
+            if certified:
+                assert rank_deficiency(ata) == 0, (exp, n_small)
+            if exp <= 8:
+                assert certified, (exp, n_small)
+    singular = torch.zeros(1, d, d, dtype=torch.float64)
+    assert not _certified_full_rank(singular, NULL_RTOL)
+    assert seen[True] and seen[False]
+
+
+def test_apply_qwt_solver_option_reaches_every_block_and_gives_the_eigh_model():
+    """``compensate(..., solver="cholesky")`` on a calibrated ViT: every block reports the Cholesky
+    solve and the compensated model equals the eigh one to float rounding; "auto" is eigh on the
+    CPU; an unknown solver fails before any work."""
+    qm, x = _calibrated("vit", n_images=8)
+    batches = [x[:4], x[4:]]
+    models, reports = {}, {}
+    for solver in ("eigh", "cholesky", "auto"):
+        m = copy.deepcopy(qm)
+        reports[solver] = qwt_core.compensate(m, batches, progress=False, solver=solver)
+        with torch.no_grad():
+            models[solver] = m.model(x)
+    assert {b.solver for b in reports["cholesky"].blocks if b.r2 is not None} == {"cholesky"}
+    assert {b.solver for b in reports["auto"].blocks if b.r2 is not None} == {"eigh"}
+    assert reports["cholesky"].to_dict()["solver"] == "cholesky"
+    assert [b.applied for b in reports["cholesky"].blocks] == [b.applied for b in reports["eigh"].blocks]
+    assert torch.equal(models["auto"], models["eigh"])
+    ref = models["eigh"]
+    assert float((models["cholesky"] - ref).abs().max()) < 1e-4 * float(ref.abs().max())
+    with pytest.raises(ValueError, match="solver='qr'"):
+        qwt_core.compensate(copy.deepcopy(qm), batches, progress=False, solver="qr")
 
 
 @pytest.mark.parametrize("k,stride", [(1, 1), (1, 2), (3, 1), (3, 2)])

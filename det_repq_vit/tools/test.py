@@ -188,7 +188,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     from qwt_core.cli_options import qwt_overrides
 
     try:
-        qwt_kwargs = qwt_overrides(args.qwt_gate, args.qwt_ridge)
+        qwt_kwargs = qwt_overrides(args.qwt_gate, args.qwt_ridge, solver=args.qwt_solver)
     except ValueError as err:
         raise SystemExit(str(err)) from err
     cfg = load_config(args)
