@@ -139,6 +139,7 @@ def measure_model(name: str, mode: str, args: argparse.Namespace, device: torch.
     t = {k: [] for k in ("fp_calib", "calibration", "fp_eval", "quant_eval", "fp_qwt", "qwt",
                          "fp_qwt_eval", "qwt_eval")}
     blocks = applied = 0
+    solvers: dict = {}
     for _ in tqdm(range(args.reps), desc=f"{name} ({mode})", leave=False):
         model = copy.deepcopy(fp)
         qm = adapter(model, args.w_bits, args.a_bits)
@@ -161,6 +162,10 @@ def measure_model(name: str, mode: str, args: argparse.Namespace, device: torch.
         t["fp_qwt"].append((fp_a + fp_b) / 2)
         blocks = len(box["report"].blocks)
         applied = sum(b.applied for b in box["report"].blocks)
+        solvers = {}  # which least-squares factorisation solved the blocks (auto: Cholesky on CUDA)
+        for b in box["report"].blocks:
+            if b.solver:
+                solvers[b.solver] = solvers.get(b.solver, 0) + 1
         _forward_all(model, [evals[0][:2]])  # the compensations' first call
         _eval_rounds(fp, model, evals, args.eval_rounds, device, t["fp_qwt_eval"], t["qwt_eval"])
         del model, qm, box
@@ -177,7 +182,7 @@ def measure_model(name: str, mode: str, args: argparse.Namespace, device: torch.
             "compile_s": compile_s,
             "times_s": t, "stat": args.stat, "summary_s": med, "ratios": ratios, "targets": targets,
             "meets": {k: ratios[k] <= targets[k] for k in targets},
-            "qwt_blocks_compensated": applied, "qwt_blocks": blocks}
+            "qwt_blocks_compensated": applied, "qwt_blocks": blocks, "qwt_solvers": solvers}
 
 
 def format_table(rows: list[dict], args: argparse.Namespace) -> str:
