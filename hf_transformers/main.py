@@ -4,7 +4,7 @@
         --eval-text heldout.txt --w_bits 4 --a_bits 4 [--kind auto|encoder|decoder] \\
         [--calib-size N] [--repq-size N] [--eval-size N] [--max-length L] [--batch-size B] \\
         [--gate|--qwt_gate holdout|insample] [--qwt_ridge auto|FLOAT] [--qwt_solver auto|eigh|cholesky] \\
-        [--output result.json] \\
+        [--output result.json] [--fused_fake_quant] [--compile_model] \\
         [--save_quantized q.pt | --load_quantized q.pt]
 
 Text files hold one text per line (empty lines are ignored). The model is read from a local folder
@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 
 import qwt_core
 from qwt_core.adapters import hf as hf_adapter
-from qwt_core.cli_options import (SOLVERS, add_speed_arguments, apply_speed_arguments, parse_ridge,
-                                  qwt_overrides)
+from qwt_core.cli_options import (SOLVERS, add_speed_arguments, apply_speed_arguments, compiled_for_eval,
+                                  parse_ridge, qwt_overrides)
 from qwt_core.cpu_heap import cpu_heap_mode
 from qwt_core.model_io import atomic_write_json
 from qwt_core.quantizers import validate_bits
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-download", "--allow_download", dest="allow_download", action="store_true",
                    help="let transformers download a hub model missing from the cache")
     p.add_argument("--no-progress", "--no_progress", dest="no_progress", action="store_true")
-    add_speed_arguments(p)
+    add_speed_arguments(p, compile_model=True)
     return p
 
 
@@ -239,7 +239,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise CLIError(f"--repq-size {args.repq_size} is larger than the {len(calib_texts)} calibration "
                        "texts: pass a smaller --repq-size or more text")
     source, local_only = resolve_model_source(args.model, args.allow_download)
-    apply_speed_arguments(args, str(device))
+    try:
+        apply_speed_arguments(args, str(device))
+    except SystemExit as exc:  # e.g. a flag that compiles kernels without a C++ compiler: one line, exit 2
+        raise CLIError(str(exc.code).removeprefix("error: ")) from None
     model, tokenizer = load_model_and_tokenizer(source, local_only, args.kind)
     model.to(device)
     try:
@@ -255,7 +258,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "metric": "perplexity" if kind == "decoder" else "cosine_to_fp",
         "w_bits": args.w_bits, "a_bits": args.a_bits, "eval_texts": len(eval_texts),
         "max_length": args.max_length, "seed": args.seed, "device": str(device),
-        "fused_fake_quant": bool(args.fused_fake_quant), "cpu_heap": cpu_heap_mode(),
+        "fused_fake_quant": bool(args.fused_fake_quant), "compile_model": bool(args.compile_model),
+        "cpu_heap": cpu_heap_mode(),
         "torch": torch.__version__, "python": platform.python_version()}
     print(f"model {args.model} ({type(model).__name__}, {kind}); W{args.w_bits}A{args.a_bits}; "
           f"{len(eval_texts)} held-out texts")
@@ -272,7 +276,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if meta.get("kind") != kind:
             raise CLIError(f"{args.load_quantized} holds a {meta.get('kind')} model, --model is a {kind}")
         qm.model.to(device).eval()
-        result["quantized"] = evaluate(qm.model, kind, eval_batches, fp_emb)
+        result["quantized"] = evaluate(compiled_for_eval(qm.model, args.compile_model), kind, eval_batches, fp_emb)
         result["loaded"] = args.load_quantized
         result["saved_w_bits"], result["saved_a_bits"] = meta["w_bits"], meta["a_bits"]
         print(f"loaded {args.load_quantized}: {result['metric']} = {result['quantized']:.4f}")
@@ -286,14 +290,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["calibration"] = report.to_dict()
         result["calib_texts"] = len(calib_texts)
         result["repq_texts"] = args.repq_size
-        result["baseline"] = evaluate(qm.model, kind, eval_batches, fp_emb)
+        result["baseline"] = evaluate(compiled_for_eval(qm.model, args.compile_model), kind, eval_batches, fp_emb)
         print(f"baseline (W{args.w_bits}A{args.a_bits}): {result['metric']} = {result['baseline']:.4f}")
         if not args.no_qwt:
             qwt_report = qwt_core.compensate(qm, calib_batches, progress=not args.no_progress, **qwt_kwargs)
             print(qwt_report.format_table())
             result["qwt_report"] = qwt_report.to_dict()
             result["qwt_gate"], result["qwt_ridge"] = qwt_report.gate, qwt_report.ridge
-            result["qwt"] = evaluate(qm.model, kind, eval_batches, fp_emb)
+            result["qwt"] = evaluate(compiled_for_eval(qm.model, args.compile_model), kind, eval_batches,
+                                     fp_emb)
             print(f"+ QwT: {result['metric']} = {result['qwt']:.4f}")
         if args.save_quantized:
             qwt_core.save_quantized(qm.model, args.save_quantized, qm.meta)

@@ -359,6 +359,39 @@ def test_cli_qwt_gate_alias_and_ridge(assets, tmp_path, capsys):
     assert exc.value.code == 2 and "--qwt_solver" in capsys.readouterr().err
 
 
+def test_cli_compile_model_evaluates_through_torch_compile(assets, tmp_path, monkeypatch, capsys):
+    """--compile_model: the baseline and + QwT evaluations run through torch.compile of the quantized
+    model (counted), the JSON says so, and the metric is the eager one up to inductor's rounding of
+    the FP ops; without a C++ compiler on PATH it is a one-line error before anything runs."""
+    base = ["--model", assets["bert"], "--calib-text", assets["calib"], "--eval-text", assets["eval"],
+            "--calib-size", "48", "--eval-size", "8", "--batch-size", "8"]
+    compiled_calls = []
+    real_compile = torch.compile
+
+    def counting_compile(model, **kwargs):
+        compiled_calls.append(type(model).__name__)
+        return real_compile(model, **kwargs)
+
+    runs = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile_model"])):
+        out = str(tmp_path / f"{name}.json")
+        with monkeypatch.context() as m:
+            m.setattr(torch, "compile", counting_compile)
+            assert _run_cli(base + extra + ["--output", out]) == 0
+        runs[name] = json.load(open(out))
+    assert len(compiled_calls) == 2 and runs["compiled"]["compile_model"] is True
+    assert runs["eager"]["compile_model"] is False
+    for key in ("baseline", "qwt"):
+        assert runs["compiled"][key] == pytest.approx(runs["eager"][key], abs=1e-3), key
+    monkeypatch.setenv("PATH", str(tmp_path))  # no g++ / clang++ here
+    monkeypatch.delenv("CXX", raising=False)
+    capsys.readouterr()
+    assert _run_cli(base + ["--compile_model", "--device", "cpu", "--output", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--compile_model" in err and "C++ compiler" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "x.json").exists()
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--model", "/nonexistent/model/dir"], "model folder not found: /nonexistent/model/dir"),
     (["--model", "someorg/not-cached-model"], "neither a local folder nor in the Hugging Face cache"),
