@@ -120,3 +120,14 @@ def least_squares_fitter(groups: int, case: str, device: str = "cpu"):
         fitter = GroupedConvLeastSquares(8, 12, 1, kernel_size=1, group_channels=2, device=device)
     fitter.update(x.float().to(device), y.float().to(device), heldout=torch.arange(40) % 4 == 1)
     return fitter
+
+
+def counting_compile(calls: list):
+    """A stand-in for ``torch.compile`` that records the class name of every model it compiles in
+    ``calls`` and compiles it for real (patch it in with ``monkeypatch.setattr(torch, "compile", ...)``)."""
+    real_compile = torch.compile
+
+    def compile_and_count(model, **kwargs):
+        calls.append(type(model).__name__)
+        return real_compile(model, **kwargs)
+    return compile_and_count

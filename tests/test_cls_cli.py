@@ -234,19 +234,14 @@ def test_compile_model_flag_evaluates_through_torch_compile(data_dir, tmp_path, 
     import json
 
     import torch
+    from helpers_models import counting_compile
 
     compiled_calls = []
-    real_compile = torch.compile
-
-    def counting_compile(model, **kwargs):
-        compiled_calls.append(type(model).__name__)
-        return real_compile(model, **kwargs)
-
     runs = {}
     for name, extra in (("eager", []), ("compiled", ["--compile_model"])):
         out = tmp_path / f"{name}.json"
         with monkeypatch.context() as m:
-            m.setattr(torch, "compile", counting_compile)
+            m.setattr(torch, "compile", counting_compile(compiled_calls))
             cli.main(base_argv("deit_small", data_dir, str(out)) + ["--batch_size", "7"] + extra)
         runs[name] = json.loads(out.read_text())
     assert compiled_calls == ["VisionTransformer", "VisionTransformer"]  # baseline, + QwT

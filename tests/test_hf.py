@@ -365,18 +365,14 @@ def test_cli_compile_model_evaluates_through_torch_compile(assets, tmp_path, mon
     the FP ops; without a C++ compiler on PATH it is a one-line error before anything runs."""
     base = ["--model", assets["bert"], "--calib-text", assets["calib"], "--eval-text", assets["eval"],
             "--calib-size", "48", "--eval-size", "8", "--batch-size", "8"]
+    from helpers_models import counting_compile
+
     compiled_calls = []
-    real_compile = torch.compile
-
-    def counting_compile(model, **kwargs):
-        compiled_calls.append(type(model).__name__)
-        return real_compile(model, **kwargs)
-
     runs = {}
     for name, extra in (("eager", []), ("compiled", ["--compile_model"])):
         out = str(tmp_path / f"{name}.json")
         with monkeypatch.context() as m:
-            m.setattr(torch, "compile", counting_compile)
+            m.setattr(torch, "compile", counting_compile(compiled_calls))
             assert _run_cli(base + extra + ["--output", out]) == 0
         runs[name] = json.load(open(out))
     assert len(compiled_calls) == 2 and runs["compiled"]["compile_model"] is True
