@@ -25,7 +25,8 @@
 # torch, timm and pytest (PYTHON=... to choose one); the repository goes first on PYTHONPATH, so
 # nothing is installed. Arguments for speed.py: SPEED_ARGS (default "--modes eager fused --reps 2
 # --qwt_size 512 --eval_size 128"; it writes its JSON after every row, so a step stopped at its
-# limit still leaves the rows done). Exit status 0 only if every step passed.
+# limit still leaves the rows done; so does qwt_phases.py, "complete": false until its last model).
+# Exit status 0 only if every step passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

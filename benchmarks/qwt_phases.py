@@ -196,7 +196,11 @@ def main() -> None:
     args = p.parse_args()
     start_run(args, [args.device], args.device == "cpu", "cpu_solve_threads")
     device = torch.device(args.device)
-    rows = [measure(name, args, device) for name in args.models]
+    rows = []
+    for name in args.models:  # the JSON after every model: a run stopped at a time limit keeps the rows done
+        rows.append(measure(name, args, device))
+        atomic_write_json(args.output, {"torch": torch.__version__, "timm": timm.__version__,
+                                        "settings": vars(args), "rows": rows, "complete": False})
     head = f"{'model':<30} " + " ".join(f"{k:>16}" for k in PHASES) + f" {'QwT / FP':>9} {'2 passes':>9}"
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -214,7 +218,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     atomic_write_json(args.output, {"torch": torch.__version__, "timm": timm.__version__,
-                                    "settings": vars(args), "rows": rows, "table": table})
+                                    "settings": vars(args), "rows": rows, "table": table, "complete": True})
     print(f"wrote {args.output}")
 
 
