@@ -209,7 +209,7 @@ def main() -> None:
         alts = [(k, v) for k, v in r["ratios"].items() if k.startswith("solve: ")]
         if alts:
             lines.append(f"{'':<30} the stage solved with {'/'.join(r['stage_solver'])}; not in the stage: "
-                         + ", ".join(f"{k[7:]} {v:.2f}x" for k, v in alts))
+                         + ", ".join(f"{k.removeprefix('solve: ')} {v:.2f}x" for k, v in alts))
     lines.append(f"(multiples of one FP forward over the {args.qwt_size} QwT images; {device.type}, "
                  f"{args.threads} threads, W{args.w_bits}A{args.a_bits}, best of {args.reps}; "
                  "'2 passes' = quantized + FP blocks, the floor of the stage"

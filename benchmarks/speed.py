@@ -39,6 +39,7 @@ import statistics
 import sys
 import time
 import warnings
+from collections import Counter
 from typing import Callable, Sequence
 
 import timm
@@ -162,10 +163,8 @@ def measure_model(name: str, mode: str, args: argparse.Namespace, device: torch.
         t["fp_qwt"].append((fp_a + fp_b) / 2)
         blocks = len(box["report"].blocks)
         applied = sum(b.applied for b in box["report"].blocks)
-        solvers = {}  # which least-squares factorisation solved the blocks (auto: Cholesky on CUDA)
-        for b in box["report"].blocks:
-            if b.solver:
-                solvers[b.solver] = solvers.get(b.solver, 0) + 1
+        # which least-squares factorisation solved the blocks (auto: Cholesky on CUDA)
+        solvers = dict(Counter(b.solver for b in box["report"].blocks if b.solver))
         _forward_all(model, [evals[0][:2]])  # the compensations' first call
         _eval_rounds(fp, model, evals, args.eval_rounds, device, t["fp_qwt_eval"], t["qwt_eval"])
         del model, qm, box

@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 
 import qwt_core
 from qwt_core.adapters import hf as hf_adapter
-from qwt_core.cli_options import (SOLVERS, add_speed_arguments, apply_speed_arguments, compiled_for_eval,
-                                  parse_ridge, qwt_overrides)
+from qwt_core.cli_options import (add_solver_argument, add_speed_arguments, apply_speed_arguments,
+                                  compiled_for_eval, parse_ridge, qwt_overrides)
 from qwt_core.cpu_heap import cpu_heap_mode
 from qwt_core.model_io import atomic_write_json
 from qwt_core.quantizers import validate_bits
@@ -83,10 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="{auto,FLOAT}",
                    help="QwT ridge λ: 'auto' (holdout gate only) or a number >= 0; default: 'auto' with "
                         "the holdout gate, 0 with insample")
-    p.add_argument("--qwt_solver", "--qwt-solver", dest="qwt_solver", choices=list(SOLVERS), default=None,
-                   help="QwT least-squares factorisation: eigh, cholesky (no eigendecomposition; used "
-                        "only where it provably gives eigh's fit) or auto (default: cholesky on CUDA, "
-                        "eigh elsewhere)")
+    add_solver_argument(p)
     p.add_argument("--no-qwt", "--no_qwt", dest="no_qwt", action="store_true",
                    help="stop after the baseline (no QwT)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -186,7 +183,11 @@ def make_batches(tokenizer, texts: Sequence[str], batch_size: int, max_length: i
 
 
 # --------------------------------------------------------------------------- metrics
-def evaluate(model, kind: str, batches: list[dict], fp_embeddings: Optional[torch.Tensor]) -> float:
+def evaluate(model, kind: str, batches: list[dict], fp_embeddings: Optional[torch.Tensor],
+             compile_model: bool = False) -> float:
+    """Perplexity (decoder) or cosine to the FP embeddings (encoder); ``compile_model``: through
+    ``torch.compile`` of ``model`` (``--compile_model``)."""
+    model = compiled_for_eval(model, compile_model)
     if kind == "decoder":
         return hf_adapter.perplexity(model, batches)
     emb = hf_adapter.mean_pooled_embeddings(model, batches)
@@ -276,7 +277,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if meta.get("kind") != kind:
             raise CLIError(f"{args.load_quantized} holds a {meta.get('kind')} model, --model is a {kind}")
         qm.model.to(device).eval()
-        result["quantized"] = evaluate(compiled_for_eval(qm.model, args.compile_model), kind, eval_batches, fp_emb)
+        result["quantized"] = evaluate(qm.model, kind, eval_batches, fp_emb, args.compile_model)
         result["loaded"] = args.load_quantized
         result["saved_w_bits"], result["saved_a_bits"] = meta["w_bits"], meta["a_bits"]
         print(f"loaded {args.load_quantized}: {result['metric']} = {result['quantized']:.4f}")
@@ -290,15 +291,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["calibration"] = report.to_dict()
         result["calib_texts"] = len(calib_texts)
         result["repq_texts"] = args.repq_size
-        result["baseline"] = evaluate(compiled_for_eval(qm.model, args.compile_model), kind, eval_batches, fp_emb)
+        result["baseline"] = evaluate(qm.model, kind, eval_batches, fp_emb, args.compile_model)
         print(f"baseline (W{args.w_bits}A{args.a_bits}): {result['metric']} = {result['baseline']:.4f}")
         if not args.no_qwt:
             qwt_report = qwt_core.compensate(qm, calib_batches, progress=not args.no_progress, **qwt_kwargs)
             print(qwt_report.format_table())
             result["qwt_report"] = qwt_report.to_dict()
             result["qwt_gate"], result["qwt_ridge"] = qwt_report.gate, qwt_report.ridge
-            result["qwt"] = evaluate(compiled_for_eval(qm.model, args.compile_model), kind, eval_batches,
-                                     fp_emb)
+            result["qwt"] = evaluate(qm.model, kind, eval_batches, fp_emb, args.compile_model)
             print(f"+ QwT: {result['metric']} = {result['qwt']:.4f}")
         if args.save_quantized:
             qwt_core.save_quantized(qm.model, args.save_quantized, qm.meta)

@@ -56,6 +56,11 @@ def add_qwt_arguments(parser: argparse.ArgumentParser,
                         help="QwT ridge λ: 'auto' (holdout gate only) or a number >= 0; default: 'auto' "
                              "with the holdout gate, the reference λ (0 for token blocks, 1e-3 for conv "
                              "blocks) with insample")
+    add_solver_argument(parser)
+
+
+def add_solver_argument(parser: argparse.ArgumentParser) -> None:
+    """Add ``--qwt_solver`` / ``--qwt-solver`` (dest ``qwt_solver``, auto|eigh|cholesky, default None)."""
     parser.add_argument("--qwt_solver", "--qwt-solver", dest="qwt_solver", choices=list(SOLVERS), default=None,
                         help="QwT least-squares factorisation: eigh, cholesky (batched factorisations and "
                              "GEMMs, no eigendecomposition; used only where it provably gives eigh's fit) "

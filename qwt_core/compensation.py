@@ -184,18 +184,25 @@ class _CentredSystem:
         return torch.cat([w, b[:, None, :]], dim=1)
 
 
+def _centred_cov(ata: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(n (G,), mu (G, d), Cxx (G, d, d) symmetrised)`` of ``AᵀA`` with the constant column last:
+    row count, feature means and the centred feature covariance sum."""
+    d = ata.shape[-1] - 1
+    n = ata[:, d, d]
+    mu = ata[:, :d, d] / n.clamp_min(1e-30)[:, None]
+    cxx = ata[:, :d, :d] - n[:, None, None] * mu[:, :, None] * mu[:, None, :]
+    return n, mu, 0.5 * (cxx + cxx.transpose(1, 2))
+
+
 def _centre(ata: torch.Tensor, aty: torch.Tensor
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(mu (G, d), ybar (G, m), Cxx (G, d, d) symmetrised, Cxy (G, d, m))`` of moments with the
     constant column last: means and centred (co)variance sums of the rows."""
     d = ata.shape[-1] - 1
-    n = ata[:, d, d]
-    n_safe = n.clamp_min(1e-30)[:, None]
-    mu = ata[:, :d, d] / n_safe
-    ybar = aty[:, d, :] / n_safe
-    cxx = ata[:, :d, :d] - n[:, None, None] * mu[:, :, None] * mu[:, None, :]
+    n, mu, cxx = _centred_cov(ata)
+    ybar = aty[:, d, :] / n.clamp_min(1e-30)[:, None]
     cxy = aty[:, :d, :] - n[:, None, None] * mu[:, :, None] * ybar[:, None, :]
-    return mu, ybar, 0.5 * (cxx + cxx.transpose(1, 2)), cxy
+    return mu, ybar, cxx, cxy
 
 
 def _centred_on(val: Stats, mu: torch.Tensor, ybar: torch.Tensor
@@ -238,19 +245,16 @@ def _certified_full_rank(cxx: torch.Tensor, null_rtol: float) -> bool:
     return bool(_certified_groups(cxx, null_rtol).all())
 
 
-def _deflate_dead(cxx: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """``(Cxx', k)``: features that never vary (a dead ReLU channel: an exactly zero row and column
-    of the centred covariance, and of ``Cxy``) get a unit-scale diagonal entry instead of 0, so that
-    the remaining matrix can be certified and factorised with its shape kept; their weight solves
-    ``(c + λ)·w = 0``, i.e. 0, as on ``eigh``'s null space. ``k``: how many (summed over groups)."""
+def _deflate_dead(cxx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Cxx', k (G,))``: features that never vary (a dead ReLU channel: an exactly zero row and
+    column of the centred covariance, and of ``Cxy``) get a unit-scale diagonal entry instead of 0, so
+    that the remaining matrix can be certified and factorised with its shape kept; their weight solves
+    ``(c + λ)·w = 0``, i.e. 0, as on ``eigh``'s null space. ``k``: how many per group. No host read."""
     diag = torch.diagonal(cxx, dim1=-2, dim2=-1)
     dead = diag == 0
-    k = int(dead.sum())
-    if k == 0:
-        return cxx, 0
     fill = diag.sum(-1) / (~dead).sum(-1).clamp_min(1)       # (G,) mean variance of the live features
     fill = torch.where(fill > 0, fill, torch.ones_like(fill))
-    return cxx + torch.diag_embed(dead.to(cxx.dtype) * fill[:, None]), k
+    return cxx + torch.diag_embed(dead.to(cxx.dtype) * fill[:, None]), dead.sum(-1)
 
 
 class _CholeskySystem:
@@ -265,7 +269,8 @@ class _CholeskySystem:
         self.mu, self.ybar, cxx, self.cxy = _centre(ata, aty)
         d = cxx.shape[-1]
         self.scale = torch.diagonal(cxx, dim1=-2, dim2=-1).sum(-1) / d  # (G,) trace(Cxx)/d
-        self.cxx, self.rank_deficiency = _deflate_dead(cxx)
+        self.cxx, dead = _deflate_dead(cxx)
+        self.rank_deficiency = int(dead.sum())
 
     def weights(self, lams: torch.Tensor) -> torch.Tensor:
         """``(J, G, d, m)``: ``W`` for each row of ``lams`` ``(J, G)``."""
@@ -309,13 +314,12 @@ def rank_deficiency(ata: torch.Tensor, null_rtol: float = NULL_RTOL) -> int:
 
     ata: ``(G, D, D)`` or ``(D, D)`` moments with the constant column last.
     """
-    if ata.dim() == 2:
-        ata = ata[None]
-    d = ata.shape[-1] - 1
-    n = ata[:, d, d]
-    mu = ata[:, :d, d] / n.clamp_min(1e-30)[:, None]
-    cxx = ata[:, :d, :d] - n[:, None, None] * mu[:, :, None] * mu[:, None, :]
-    e = torch.linalg.eigvalsh(0.5 * (cxx + cxx.transpose(1, 2)))
+    return _null_count(_centred_cov(ata[None] if ata.dim() == 2 else ata)[2], null_rtol)
+
+
+def _null_count(cxx: torch.Tensor, null_rtol: float) -> int:
+    """Eigenvalues ``<= null_rtol · e_max`` of the centred covariances ``cxx`` ``(G, d, d)``, summed."""
+    e = torch.linalg.eigvalsh(cxx)
     e_max = e[:, -1:].clamp_min(0.0)
     return int(((e <= null_rtol * e_max) | (e_max <= 0)).sum())
 
@@ -410,13 +414,13 @@ class _LeastSquares:
             if val.rows > 0 and fit_s.rows > 0:
                 r2_ho = val.r2(solve_normal_equations(fit_s.ata, fit_s.aty, lam))
             if solver == "cholesky":  # rank_deficiency() without eigenvalues where certified
-                cxx = _centre(every.ata, every.aty)[2]
-                ok = _certified_groups(_deflate_dead(cxx)[0], null_rtol).cpu()
-                dead = (torch.diagonal(cxx, dim1=-2, dim2=-1) == 0).sum(-1).cpu()
-                rank_def = int(dead[ok].sum())
+                cxx = _centred_cov(every.ata)[2]
+                deflated, dead = _deflate_dead(cxx)
+                ok = _certified_groups(deflated, null_rtol).cpu()
+                rank_def = int(dead.cpu()[ok].sum())
                 if not bool(ok.all()):  # eigenvalues of the groups that could not be certified only
-                    bad = (~ok).nonzero().flatten().to(every.ata.device)
-                    rank_def += rank_deficiency(every.ata.index_select(0, bad), null_rtol)
+                    bad = (~ok).nonzero().flatten().to(cxx.device)
+                    rank_def += _null_count(cxx.index_select(0, bad), null_rtol)
                     solver = "mixed" if bool(ok.any()) else "eigh"
             else:
                 rank_def = rank_deficiency(every.ata, null_rtol)
