@@ -25,9 +25,10 @@ few hundred columns is latency-bound and its batched form - the grouped conv fit
 the groups). ``"cholesky"`` runs only when it provably gives ``"eigh"``'s answer: features that
 never vary (dead ReLU channels) are set aside with weight 0 (:func:`_deflate_dead`), and every
 remaining centred covariance must be certified free of the null directions ``"eigh"`` would drop
-(:func:`_certified_groups`); otherwise the fit falls back to ``"eigh"``. The in-sample gate (a
-Cholesky solve in any case) counts null directions with the same certificate and computes
-eigenvalues only for the groups it cannot certify (``"mixed"``).
+(:func:`_certified_groups`); the groups that cannot be certified are solved by ``"eigh"``
+(``"mixed"``: :class:`_SplitSystem`; all of them: ``"eigh"``). The in-sample gate (a Cholesky solve
+in any case) counts null directions with the same certificate and computes eigenvalues only for
+the groups it cannot certify (``"mixed"`` too).
 
 * :class:`TokenLeastSquares` - one Linear over the last dim (ViT/DeiT/Swin/CLIP tokens).
 * :class:`GroupedConvLeastSquares` - one grouped k×k conv (ResNet blocks), solved per group.
@@ -300,6 +301,40 @@ class _CholeskySystem:
         return torch.cat([w, b[:, None, :]], dim=1)
 
 
+class _SplitSystem:
+    """Per group the Cholesky system where it is certified (``ok``) and the ``eigh`` one elsewhere:
+    the held-out residual sums and the solutions of :class:`_CentredSystem` with eigenvalues only for
+    the groups that need them (a ResNet block whose few groups keep a nearly null direction)."""
+
+    def __init__(self, ata: torch.Tensor, aty: torch.Tensor, ok: torch.Tensor, null_rtol: float) -> None:
+        self.ok = ok.nonzero().flatten().to(ata.device)
+        self.bad = (~ok).nonzero().flatten().to(ata.device)
+        self.chol = _CholeskySystem(ata.index_select(0, self.ok), aty.index_select(0, self.ok))
+        self.eig = _CentredSystem(ata.index_select(0, self.bad), aty.index_select(0, self.bad), null_rtol)
+        self.scale = self._merge(self.chol.scale, self.eig.scale)
+        self.rank_deficiency = self.chol.rank_deficiency + self.eig.rank_deficiency
+
+    def _merge(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Rows of ``a`` (certified groups) and ``b`` (the others) back in group order."""
+        out = a.new_empty((a.shape[0] + b.shape[0], *a.shape[1:]))
+        return out.index_copy_(0, self.ok, a).index_copy_(0, self.bad, b)
+
+    def heldout_ss_res(self, val: Stats, lams: Sequence[torch.Tensor]) -> list[float]:
+        """:meth:`_CentredSystem.heldout_ss_res`, each part on its groups (``Σy²`` counted once)."""
+        def part(idx: torch.Tensor, yy: torch.Tensor) -> Stats:
+            return Stats(val.ata.index_select(0, idx), val.aty.index_select(0, idx), yy, val.ss_tot, val.rows)
+
+        a = self.chol.heldout_ss_res(part(self.ok, val.yy), [lam.index_select(0, self.ok) for lam in lams])
+        b = self.eig.heldout_ss_res(part(self.bad, torch.zeros_like(val.yy)),
+                                    [lam.index_select(0, self.bad) for lam in lams])
+        return [x + y for x, y in zip(a, b)]
+
+    def theta(self, lam: torch.Tensor) -> torch.Tensor:
+        """``(G, D, m)`` solution for the per-group ridge ``lam`` ``(G,)``."""
+        return self._merge(self.chol.theta(lam.index_select(0, self.ok)),
+                           self.eig.theta(lam.index_select(0, self.bad)))
+
+
 def _resolve_solver(solver: str, device: torch.device) -> str:
     if solver not in ("auto", "eigh", "cholesky"):
         raise ValueError(f"solver={solver!r}: use 'auto' (Cholesky on CUDA, eigh elsewhere), 'eigh' or "
@@ -430,14 +465,17 @@ class _LeastSquares:
                 raise ValueError(f"gate='holdout' needs fit and held-out rows, got {fit_s.rows} fit and "
                                  f"{val.rows} held-out rows: pass more calibration samples or "
                                  "gate='insample'")
-            system: Union[_CentredSystem, _CholeskySystem]
-            full: Union[_CentredSystem, _CholeskySystem]
+            system: Union[_CentredSystem, _CholeskySystem, _SplitSystem]
+            full: Union[_CentredSystem, _CholeskySystem, _SplitSystem]
             if solver == "cholesky":
                 system = _CholeskySystem(fit_s.ata, fit_s.aty)
                 full = _CholeskySystem(every.ata, every.aty)
-                if not (_certified_full_rank(system.cxx, null_rtol)
-                        and _certified_full_rank(full.cxx, null_rtol)):
-                    solver = "eigh"
+                ok = (_certified_groups(system.cxx, null_rtol) & _certified_groups(full.cxx, null_rtol)).cpu()
+                if not bool(ok.all()):  # eigenvalues for the groups that could not be certified only
+                    solver = "mixed" if bool(ok.any()) else "eigh"
+                    if solver == "mixed":
+                        system = _SplitSystem(fit_s.ata, fit_s.aty, ok, null_rtol)
+                        full = _SplitSystem(every.ata, every.aty, ok, null_rtol)
             if solver == "eigh":
                 system = _CentredSystem(fit_s.ata, fit_s.aty, null_rtol)
                 full = _CentredSystem(every.ata, every.aty, null_rtol)

@@ -324,6 +324,28 @@ def test_qwt_gate_insample_flag_reaches_apply_qwt(tiny_config, legacy_checkpoint
     assert len(blocks) == 8 and all(b["r2"] == b["r2_insample"] and b["ridge"] == 0.0 for b in blocks)
 
 
+def test_fused_fake_quant_flag_gives_the_same_numbers(tiny_config, legacy_checkpoint, tmp_path):
+    """--fused_fake_quant on the detection command line (torch.compile kernels; on CPU the Swin
+    backbone's log-√2 quantizers run their integer form) changes the speed, not the results."""
+    from qwt_core import quantizers as qz
+
+    path, _ = legacy_checkpoint
+    runs = {}
+    try:
+        for name, extra in (("eager", []), ("fused", ["--fused_fake_quant"])):
+            out = tmp_path / f"{name}.json"
+            det_test.main([str(tiny_config), str(path), "--eval", "bbox", "--calib_size", "8", "--calib_batch", "4",
+                           "--device", "cpu", "--output", str(out), "--work-dir", str(tmp_path / "work"), *extra])
+            runs[name] = json.loads(out.read_text())
+        assert qz.fused_fake_quant_enabled()
+    finally:
+        qz.set_fused_fake_quant(False)
+    assert runs["eager"]["fused_fake_quant"] is False and runs["fused"]["fused_fake_quant"] is True
+    assert runs["fused"]["results"] == runs["eager"]["results"]
+    for a, b in zip(runs["fused"]["qwt_report"]["blocks"], runs["eager"]["qwt_report"]["blocks"]):
+        assert a["applied"] == b["applied"] and a["r2"] == pytest.approx(b["r2"], rel=1e-6, abs=1e-9)
+
+
 @pytest.mark.parametrize("extra,needle", [(["--qwt_gate", "oracle"], "2"), (["--qwt_ridge", "-3"], "2"),
                                           (["--qwt_gate", "insample", "--qwt_ridge", "auto"], "holdout"),
                                           (["--qwt_solver", "qr"], "2")])

@@ -57,7 +57,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     require_detection_stack()
     from mmengine.config import DictAction
 
-    from qwt_core.cli_options import add_qwt_arguments
+    from qwt_core.cli_options import add_qwt_arguments, add_speed_arguments
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="detector config (configs/swin/*.py)")
@@ -94,6 +94,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--work-dir", "--work_dir", dest="work_dir", default=None,
                    help="folder for logs and results (default work_dirs/<config name>)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    add_speed_arguments(p)
     p.add_argument("--cfg-options", "--cfg_options", dest="cfg_options", nargs="+", action=DictAction,
                    help="override config entries, key=value")
     p.add_argument("--launcher", choices=["none", "pytorch"], default="none",
@@ -208,6 +209,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     from qwt_core.distributed import is_main_process
 
     device, rank, world = setup_process(args.device, args.launcher, args.local_rank)
+    from qwt_core.cli_options import apply_speed_arguments
+    from qwt_core.cpu_heap import cpu_heap_mode
+
+    apply_speed_arguments(args, str(device))
     check_test_data(cfg)
 
     calib = cfg.qwt_calib
@@ -282,6 +287,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "synth_dir": args.synth_dir,
         "ap": {k: {"bbox": _ap(v, "bbox"), "segm": _ap(v, "segm")} for k, v in results.items()},
         "qwt_gate": report.gate, "qwt_ridge": report.ridge, "qwt_report": report.to_dict(), "seconds": timings,
+        "fused_fake_quant": bool(args.fused_fake_quant), "cpu_heap": cpu_heap_mode(),
     }
     if is_main_process():
         print(report.format_table())
