@@ -329,6 +329,29 @@ def test_log_sqrt2_grid_gives_log2_values_on_every_float():
         assert ("log2", n_bits) in qz._FusedFakeQuant._grid_fns
 
 
+def test_log_sqrt2_grid_refuses_a_log2_it_cannot_pin_down(monkeypatch):
+    """A log2 whose steps are not one clean step per place (here: every other value moved by 64 ulps,
+    so the index goes back and forth around each step) gets no grid, and the fused kernel then keeps
+    the log2/exp2 form: the same values as the eager quantizer."""
+    monkeypatch.setattr(qz, "_LOG_GRIDS", {})
+    real = torch.log2
+
+    def wobbly(x: torch.Tensor) -> torch.Tensor:
+        y = real(x)
+        odd = (torch.arange(y.numel()) % 2 == 1).view(y.shape)
+        return torch.where(odd, y + 64 * (y.nextafter(torch.tensor(float("inf"))) - y), y)
+
+    monkeypatch.setattr(torch, "log2", wobbly)
+    assert qz.log_sqrt2_grid(4) is None and qz._LOG_GRIDS == {4: None}
+    monkeypatch.setattr(torch, "log2", real)
+    x, delta = log_edge_values(), torch.tensor(0.37)
+    monkeypatch.setattr(qz._FusedFakeQuant, "_grid_fns", {})
+    ours, ref = qz._FusedFakeQuant.get("log2")(x, delta, 4), _log_sqrt2_reference(x, delta, 4)
+    nan = ref.isnan()
+    assert torch.equal(ours.isnan(), nan) and _bitwise_equal(ours[~nan], ref[~nan])
+    assert not qz._FusedFakeQuant._grid_fns  # the log2 kernel ran
+
+
 def test_compiled_model_runs_the_integer_log_quantizer(monkeypatch):
     """``torch.compile`` of a calibrated ViT traces the log-√2 quantizers in their integer form
     (this CPU has a grid) and still gives the eager outputs bit for bit."""
