@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional, Sequence, Union
+from typing import Literal, Optional, Sequence, Union, get_args
 
 import torch
 import torch.nn.functional as F
@@ -336,7 +336,7 @@ class _SplitSystem:
 
 
 def _resolve_solver(solver: str, device: torch.device) -> str:
-    if solver not in ("auto", "eigh", "cholesky"):
+    if solver not in get_args(Solver):
         raise ValueError(f"solver={solver!r}: use 'auto' (Cholesky on CUDA, eigh elsewhere), 'eigh' or "
                          "'cholesky'")
     if solver == "auto":
@@ -369,8 +369,9 @@ class Fit:
     ``mse_before``/``mse_after``: mean squared error of the block output vs FP on all calibration rows
     without / with the compensation (``mse_after == mse_before`` when not applied); ``solver``: the
     factorisation that ran: ``"cholesky"`` (no eigendecomposition), ``"eigh"`` (also when ``"cholesky"``
-    was asked for and a covariance could not be certified full rank) or ``"mixed"`` (in-sample gate:
-    the eigenvalues of the groups that could not be certified only, for the rank count).
+    was asked for and no covariance could be certified full rank) or ``"mixed"`` (eigenvalues of the
+    groups that could not be certified only: their ``eigh`` solve under the held-out gate, their rank
+    count under the in-sample gate).
     """
 
     module: nn.Module
@@ -473,9 +474,9 @@ class _LeastSquares:
                 ok = (_certified_groups(system.cxx, null_rtol) & _certified_groups(full.cxx, null_rtol)).cpu()
                 if not bool(ok.all()):  # eigenvalues for the groups that could not be certified only
                     solver = "mixed" if bool(ok.any()) else "eigh"
-                    if solver == "mixed":
-                        system = _SplitSystem(fit_s.ata, fit_s.aty, ok, null_rtol)
-                        full = _SplitSystem(every.ata, every.aty, ok, null_rtol)
+            if solver == "mixed":
+                system = _SplitSystem(fit_s.ata, fit_s.aty, ok, null_rtol)
+                full = _SplitSystem(every.ata, every.aty, ok, null_rtol)
             if solver == "eigh":
                 system = _CentredSystem(fit_s.ata, fit_s.aty, null_rtol)
                 full = _CentredSystem(every.ata, every.aty, null_rtol)

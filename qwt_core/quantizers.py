@@ -764,33 +764,35 @@ def log_sqrt2_grid(n_bits: int) -> Optional[LogSqrt2Grid]:
         es = torch.arange(e_lo, 1, dtype=torch.int32)
         top = -2 * es.unsqueeze(1)  # the index at the bottom of each binade
 
-        def index(mantissas: torch.Tensor) -> torch.Tensor:
-            """``round(-2·log2(r))`` for the given mantissas of every binade (rows), vectorised."""
-            bits = ((es + 127) << 23).unsqueeze(1) + mantissas.to(torch.int32)
+        def bits_of(mantissas: torch.Tensor) -> torch.Tensor:
+            """int32 bits of the given mantissas in every binade (rows)."""
+            return ((es + 127) << 23).unsqueeze(1) + mantissas.to(torch.int32)
+
+        def index(bits: torch.Tensor) -> torch.Tensor:
+            """``round(-2·log2(r))`` of the float32 ``r`` with these bits, vectorised."""
             return torch.log2(bits.view(torch.float32)).mul_(-2.0).round_().to(torch.int32)
+
+        def runs(values: list[int]) -> tuple[tuple[int, int], ...]:
+            return tuple((e_lo + i, v) for i, v in enumerate(values) if i == 0 or v != values[i - 1])
 
         steps, ok = [], True
         with torch.no_grad():
             for k, frac in ((1, 0.25), (2, 0.75)):
                 centre = round((2.0 ** frac - 1.0) * (1 << 23))
-                q = index(torch.arange(centre - _LOG_GRID_WINDOW, centre + _LOG_GRID_WINDOW))
+                q = index(bits_of(torch.arange(centre - _LOG_GRID_WINDOW, centre + _LOG_GRID_WINDOW)))
                 ok = ok and bool((q[:, 1:] <= q[:, :-1]).all() and (q[:, 0] == top[:, 0] - k + 1).all()
                                  and (q[:, -1] == top[:, 0] - k).all())
                 steps.append((centre - _LOG_GRID_WINDOW + (q > top - k).sum(1)).tolist())
-            g = torch.Generator().manual_seed(0)
-            spread = torch.randint(0, 1 << 23, (4096,), generator=g)
-            a, b = (torch.tensor(v, dtype=torch.int32).unsqueeze(1) for v in steps)
-            ok = ok and torch.equal(index(spread), top - (spread >= a).int() - (spread >= b).int())
             k = torch.arange(max(64, 2 ** n_bits), dtype=torch.float32)
             ref = torch.exp2(k * -0.5)
-            c = float(ref[1])
-            k = k.to(torch.int32)
-            ours = ((127 - (k >> 1)) << 23).view(torch.float32) * torch.where((k & 1) == 1, c, 1.0)
+            candidate = (e_lo, runs(steps[0]), runs(steps[1]), float(ref[1]))
+            # the kernel's own index and 2^(-q/2) code, on the spread and on every q < 2^b
+            spread = bits_of(torch.randint(0, 1 << 23, (4096,), generator=torch.Generator().manual_seed(0)))
+            ok = ok and torch.equal(_log_sqrt2_index(spread, candidate), index(spread))
+            ours = _half_power(k.to(torch.int32), candidate[3])
             ok = ok and torch.equal(ours[:2 ** n_bits].view(torch.int32), ref[:2 ** n_bits].view(torch.int32))
         if ok:
-            def runs(values: list[int]) -> tuple[tuple[int, int], ...]:
-                return tuple((e_lo + i, v) for i, v in enumerate(values) if i == 0 or v != values[i - 1])
-            grid = (e_lo, runs(steps[0]), runs(steps[1]), c)
+            grid = candidate
     _LOG_GRIDS[n_bits] = grid
     return grid
 
@@ -807,6 +809,23 @@ def _piecewise(e: torch.Tensor, runs: tuple[tuple[int, int], ...]) -> torch.Tens
     return out
 
 
+def _log_sqrt2_index(bits: torch.Tensor, grid: LogSqrt2Grid) -> torch.Tensor:
+    """int32 ``round(-2·log2 r)`` from the int32 ``bits`` of float32 ``r`` by a :func:`log_sqrt2_grid`:
+    exact in the binades ``[e_lo, 0]``; below them (negatives too: the sign bit) at least ``2^b``
+    (dropped), above them at most 0 (the value Δ)."""
+    e_lo, runs_a, runs_b, _ = grid
+    e = torch.clamp((bits >> 23) - 127, e_lo, 0)
+    m = bits & 0x7FFFFF
+    return (-2 * e - (m >= _piecewise(e, runs_a)).to(torch.int32)
+            - (m >= _piecewise(e, runs_b)).to(torch.int32))
+
+
+def _half_power(q: torch.Tensor, c: float) -> torch.Tensor:
+    """float32 ``2^(-q/2)`` of int32 ``0 <= q < 254``: the exponent field of ``2^-(q>>1)``, times
+    ``c = exp2(-1/2)`` for odd ``q`` (:func:`log_sqrt2_grid` checks it equals ``exp2``)."""
+    return ((127 - (q >> 1)) << 23).view(torch.float32) * torch.where((q & 1) == 1, c, 1.0)
+
+
 def _log_sqrt2_grid_pure(x: torch.Tensor, delta: torch.Tensor, n_bits: int,
                          grid: LogSqrt2Grid) -> torch.Tensor:
     """:func:`log_sqrt2_fake_quant` of float32 ``x`` (b ≤ 7) from the bits of ``x/Δ`` and a
@@ -814,14 +833,9 @@ def _log_sqrt2_grid_pure(x: torch.Tensor, delta: torch.Tensor, n_bits: int,
     ``exp2``, for ``torch.compile`` on CPU (the same values: NaN → NaN, negatives and zeros → 0,
     +inf → Δ). The fused kernel is about 2.7x faster than the one with ``log2``/``exp2``, which are
     most of its time on CPU."""
-    e_lo, runs_a, runs_b, c = grid
     r = x / delta
-    bits = r.view(torch.int32)
-    e = torch.clamp((bits >> 23) - 127, e_lo, 0)  # negatives (sign bit) land below e_lo: dropped
-    m = bits & 0x7FFFFF
-    q = (-2 * e - (m >= _piecewise(e, runs_a)).to(torch.int32)
-         - (m >= _piecewise(e, runs_b)).to(torch.int32)).clamp(0, 2 ** n_bits)
-    value = ((127 - (q >> 1)) << 23).view(torch.float32) * torch.where((q & 1) == 1, c, 1.0) * delta
+    q = _log_sqrt2_index(r.view(torch.int32), grid).clamp(0, 2 ** n_bits)
+    value = _half_power(q, grid[3]) * delta
     return torch.where(r != r, r, torch.where(q >= 2 ** n_bits, 0.0, value))
 
 

@@ -186,7 +186,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         raise SystemExit(str(err)) from err
     if args.plot is not None and not args.plot.lower().endswith(".png"):
         raise SystemExit(f"--plot {args.plot}: the figure is a PNG, the file name must end in .png")
-    from qwt_core.cli_options import qwt_overrides
+    from qwt_core.cli_options import apply_speed_arguments, qwt_overrides
+    from qwt_core.cpu_heap import cpu_heap_mode
 
     try:
         qwt_kwargs = qwt_overrides(args.qwt_gate, args.qwt_ridge, solver=args.qwt_solver)
@@ -209,9 +210,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     from qwt_core.distributed import is_main_process
 
     device, rank, world = setup_process(args.device, args.launcher, args.local_rank)
-    from qwt_core.cli_options import apply_speed_arguments
-    from qwt_core.cpu_heap import cpu_heap_mode
-
     apply_speed_arguments(args, str(device))
     check_test_data(cfg)
 
