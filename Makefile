@@ -4,8 +4,9 @@
 #                        nothing compiled; enough for the demo, classification and CLIP.
 #   det   (`make det`)   detection: mmengine, pycocotools, mmcv 2.1.0 compiled from source once
 #                        (10-50 minutes on 2 cores, wheel cached in ~/.cache/qwt-toolkit), mmdet 3.3.0.
+#   yolo  (`make yolo`)  Ultralytics (AGPL-3.0) + the original YOLOv5 model code (yolov5 7.0.14, no deps).
 #   test                 pytest.
-# `make demo` installs only core; `make test` installs all three (so it builds mmcv the first time).
+# `make demo` installs only core; `make test` installs all layers (so it builds mmcv the first time).
 # VENV=/some/dir selects another environment, e.g. `make demo VENV=/tmp/venv_core`.
 PYTHON ?= python3
 VENV   ?= .venv
@@ -13,16 +14,18 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 CORE   := $(VENV)/.core-installed
 DET    := $(VENV)/.det-installed
+YOLO   := $(VENV)/.yolo-installed
 TESTS  := $(VENV)/.test-installed
 # what the bench targets need
 STAMP  := $(CORE)
 
-.PHONY: venv core det demo test bench bench-onnx bench-speed clean-venv
+.PHONY: venv core det yolo demo test bench bench-onnx bench-speed clean-venv
 
 core: $(CORE)
 det: $(DET)
+yolo: $(YOLO)
 # every layer (what `make test` needs)
-venv: $(CORE) $(DET) $(TESTS)
+venv: $(CORE) $(DET) $(YOLO) $(TESTS)
 	touch $(VENV)/.installed
 
 $(CORE): requirements.txt setup.py scripts/setup_env.sh
@@ -33,6 +36,10 @@ $(DET): $(CORE) requirements-det.txt scripts/build_mmcv.sh
 	bash scripts/setup_env.sh $(PYTHON) $(VENV) det
 	touch $@
 
+$(YOLO): $(CORE) requirements-yolo.txt
+	bash scripts/setup_env.sh $(PYTHON) $(VENV) yolo
+	touch $@
+
 $(TESTS): $(CORE) requirements-test.txt
 	bash scripts/setup_env.sh $(PYTHON) $(VENV) test
 	touch $@
@@ -41,7 +48,7 @@ $(TESTS): $(CORE) requirements-test.txt
 demo: $(CORE)
 	$(PY) scripts/demo.py $(DEMO_ARGS)
 
-test: $(CORE) $(DET) $(TESTS)
+test: $(CORE) $(DET) $(YOLO) $(TESTS)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
