@@ -152,6 +152,10 @@ def _check_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.plot is not None and (not args.qwt or not args.plot.lower().endswith(".png")):
         fail(f"--plot {args.plot}: needs --qwt and a file name ending in .png")
     try:
+        check_split(args.coco_root, args.split)
+    except FileNotFoundError as err:
+        fail(str(err))
+    try:
         check_split(args.coco_root, args.calib_split, need_annotations=False)
     except FileNotFoundError as err:
         fail(f"calibration images: {err}")

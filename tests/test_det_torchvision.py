@@ -1,0 +1,243 @@
+"""torchvision ResNet-50 FPN Mask R-CNN: the paper's quantized-layer set, FP equality with quantization
+off, QwT on the trunk, pycocotools evaluation, one-line input errors, torchrun (gloo) sharded evaluation.
+
+Real torchvision models (random init, 5 classes, BatchNorm statistics estimated on a few images so the
+activations are in a realistic range) and a tiny COCO set written by ``benchmarks/shapes.py``.
+"""
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+from shapes import make_shapes, write_coco_dataset  # noqa: E402
+
+from det_torchvision import ptq  # noqa: E402
+from det_torchvision.data import CocoImages, calibration_batches, list_calibration_images  # noqa: E402
+from det_torchvision.evaluate import coco_metrics, detections_to_coco, evaluate_coco  # noqa: E402
+from det_torchvision.model import CheckpointError, build_maskrcnn, load_maskrcnn, save_maskrcnn  # noqa: E402
+from qwt_core import set_quant_state  # noqa: E402
+from qwt_core.adapters.timm_resnet import fold_all_batchnorms  # noqa: E402
+from qwt_core.adapters.torchvision_rcnn import detector_layer_names  # noqa: E402
+from qwt_core.modules import QuantConv2d  # noqa: E402
+
+SIZE = 64
+KW = dict(min_size=SIZE, max_size=SIZE, rpn_post_nms_top_n_test=100, box_detections_per_img=20)
+R50 = {"layer1": 3, "layer2": 4, "layer3": 6, "layer4": 3}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("coco"))
+    write_coco_dataset(root, "val2017", n=4, size=SIZE, seed=1)
+    write_coco_dataset(root, "train2017", n=16, size=SIZE, seed=0)
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoint(coco, tmp_path_factory):
+    """A v1 checkpoint: random weights, BatchNorm statistics of 16 images (cumulative average)."""
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model = build_maskrcnn(num_classes=5, frozen_bn=False, **KW)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None
+    imgs = next(calibration_batches(list_calibration_images(coco, "train2017", 16), 16, SIZE))
+    model.backbone.body.train()
+    with torch.no_grad():
+        model.backbone(model.transform(list(imgs))[0].tensors)
+    path = str(tmp_path_factory.mktemp("ckpt") / "maskrcnn_tiny.pth")
+    save_maskrcnn(model.eval(), path, model_kwargs=KW)
+    return path
+
+
+def _calib(coco, n=16):
+    return next(calibration_batches(list_calibration_images(coco, "train2017", n), n, SIZE))
+
+
+def _paper_list():
+    names = []
+    for stage, n in R50.items():
+        for j in range(n if stage != "layer4" else n - 1):
+            convs = ["conv1", "conv2", "conv3"] + (["downsample.0"] if j == 0 else [])
+            names += [f"backbone.body.{stage}.{j}.{c}" for c in convs]
+    for kind in ("inner_blocks", "layer_blocks"):
+        names += [f"backbone.fpn.{kind}.{i}.0" for i in (1, 2, 3)]
+    return names
+
+
+def test_quantized_layer_set_is_the_papers(checkpoint):
+    model, _ = load_maskrcnn(checkpoint)
+    assert detector_layer_names(model, "paper") == sorted(
+        _paper_list(), key=[n for n, _ in model.named_modules()].index)
+    qm = ptq.quantize_detector(model, 4, 4)
+    quantized = sorted(n for n, m in model.named_modules() if isinstance(m, QuantConv2d))
+    assert quantized == sorted(_paper_list()) and len(quantized) == 49 + 6
+    for n, m in model.named_modules():
+        if isinstance(m, QuantConv2d):
+            assert (m.w_bits, m.a_bits) == (4, 4), n
+    fp_convs = [n for n, m in model.named_modules() if type(m) is nn.Conv2d]
+    for expected_fp in ("backbone.body.conv1", "backbone.body.layer4.2.conv1", "backbone.fpn.inner_blocks.0.0",
+                        "backbone.fpn.layer_blocks.0.0", "rpn.head.conv.0.0", "roi_heads.mask_head.0.0"):
+        assert expected_fp in fp_convs
+    assert qm.block_names == [f"backbone.body.{s}.{j}" for s, n in R50.items() for j in range(n)][:-1]
+    assert qm.meta["recipe"]["quantized_layers"] == detector_layer_names(model, "paper")
+
+    model_all, _ = load_maskrcnn(checkpoint)
+    qa = ptq.quantize_detector(model_all, 4, 4, layer_set="all")
+    q_all = {n: m for n, m in model_all.named_modules() if isinstance(m, QuantConv2d)}
+    assert len(q_all) == 1 + 48 + 4 + 8  # stem, 16 blocks x 3 convs, 4 downsample, FPN 4 + 4
+    assert (q_all["backbone.body.conv1"].w_bits, q_all["backbone.body.conv1"].a_bits) == (8, 8)
+    assert len(qa.block_names) == 16
+
+
+def test_quant_off_is_the_fp_detector_and_quant_on_is_not(checkpoint, coco):
+    fp, _ = load_maskrcnn(checkpoint)
+    model = copy.deepcopy(fp)
+    qm = ptq.quantize_detector(model, 4, 4)
+    ptq.calibrate_detector(qm, _calib(coco, 8))
+    x = _calib(coco, 2)
+    with torch.no_grad():
+        ref = fp.backbone(fp.transform(list(x))[0].tensors)
+        set_quant_state(model, False, False)
+        off = model.backbone(model.transform(list(x))[0].tensors)
+        out_fp, out_off = fp(list(x)), model(list(x))
+        set_quant_state(model, True, True)
+        on = model.backbone(model.transform(list(x))[0].tensors)
+    for k in ref:
+        assert torch.equal(ref[k], off[k]), k
+        assert not torch.allclose(ref[k], on[k]), k
+    for a, b in zip(out_fp, out_off):
+        assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["masks"], b["masks"])
+
+
+def test_folded_recipe_folds_frozen_batchnorm(checkpoint, coco):
+    fp, _ = load_maskrcnn(checkpoint)
+    model = copy.deepcopy(fp)
+    assert fold_all_batchnorms(model) == 53  # stem + 16 blocks x 3 + 4 downsample, FrozenBatchNorm2d
+    x = fp.transform(list(_calib(coco, 2)))[0].tensors
+    with torch.no_grad():
+        a, b = fp.backbone(x), model.backbone(x)
+    for k in a:
+        assert ((a[k] - b[k]).norm() / a[k].norm()).item() < 1e-4, k  # float rounding over 50 layers
+
+
+def test_qwt_lowers_trunk_block_error(checkpoint, coco):
+    fp, _ = load_maskrcnn(checkpoint)
+    model = copy.deepcopy(fp)
+    qm = ptq.quantize_detector(model, 4, 4)
+    calib = _calib(coco, 16)
+    ptq.calibrate_detector(qm, calib[:8])
+    batches = list(calib.split(8))
+
+    def c4_error():
+        with torch.no_grad():
+            x = fp.transform(list(calib))[0].tensors
+            return (fp.backbone.body(x)["2"] - model.backbone.body(x)["2"]).pow(2).mean().item()
+
+    before = c4_error()
+    rep = ptq.compensate_detector(qm, batches, fpn=True, progress=False)
+    after = c4_error()
+    blocks = rep["backbone"]["blocks"]
+    assert [b["name"] for b in blocks] == qm.block_names
+    applied = [b for b in blocks if b["applied"]]
+    assert len(applied) >= len(blocks) // 2
+    assert all(b["mse_after"] < b["mse_before"] for b in applied)
+    assert after < 0.9 * before
+    assert [r["blocks"][0]["name"] for r in rep["fpn"]] == [f"backbone.fpn.layer_blocks.{i}" for i in (1, 2, 3)]
+    assert type(model.get_submodule("backbone.body.layer1.0")).__name__ == "CompensatedBlock"
+
+
+def test_coco_eval_of_the_ground_truth_is_perfect(coco):
+    ds = CocoImages(coco, "val2017")
+    shapes = make_shapes(4, SIZE, 1)
+    results = []
+    for img_id, im in zip(ds.ids, shapes):
+        out = {"boxes": torch.from_numpy(im.boxes), "scores": torch.ones(len(im.labels)),
+               "labels": torch.from_numpy(im.labels) + 1,
+               "masks": torch.from_numpy(im.masks).float()[:, None]}
+        results += detections_to_coco(img_id, out)
+    m = coco_metrics(ds.coco, results)
+    assert m["coco/bbox_mAP"] == pytest.approx(1.0) and m["coco/segm_mAP"] == pytest.approx(1.0)
+    wrong = [dict(r, category_id=r["category_id"] % 4 + 1) for r in results]
+    assert coco_metrics(ds.coco, wrong)["coco/bbox_mAP"] == 0.0
+
+
+def test_coco_eval_runs_and_returns_ap_keys(checkpoint, coco):
+    model, _ = load_maskrcnn(checkpoint)
+    m = evaluate_coco(model, CocoImages(coco, "val2017"), "cpu")
+    keys = {f"coco/{k}_{s}" for k in ("bbox", "segm") for s in ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l")}
+    assert set(m) == keys and all(0.0 <= v <= 1.0 for v in m.values())
+
+
+def _run_ptq(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        ptq.main(argv)
+    err = capsys.readouterr().err.strip()
+    return exc.value.code, err
+
+
+def test_bad_input_is_one_line_and_writes_nothing(checkpoint, coco, tmp_path, capsys):
+    out = tmp_path / "out" / "r.json"
+    base = ["--checkpoint", checkpoint, "--coco-root", coco, "--output", str(out), "--calib_size", "4"]
+    torch.save(build_maskrcnn(num_classes=5, **KW).backbone.state_dict(), tmp_path / "backbone.pth")
+    (tmp_path / "junk.pth").write_text("not a checkpoint")
+    os.makedirs(tmp_path / "noann" / "val2017")
+    os.makedirs(tmp_path / "noann" / "train2017")
+    cases = {
+        "bits": (base + ["--w_bits", "9"], "--w_bits=9"),
+        "abits": (base + ["--a_bits", "1"], "--a_bits=1"),
+        "missing ckpt": (["--checkpoint", str(tmp_path / "none.pth")] + base[2:], "checkpoint not found"),
+        "junk ckpt": (["--checkpoint", str(tmp_path / "junk.pth")] + base[2:], "cannot read checkpoint"),
+        "not a maskrcnn": (["--checkpoint", str(tmp_path / "backbone.pth")] + base[2:], "not a torchvision Mask R-CNN"),
+        "wrong arch": (base + ["--arch", "maskrcnn_resnet50_fpn_v2"], "does not match maskrcnn_resnet50_fpn_v2"),
+        "no annotations": (["--checkpoint", checkpoint, "--coco-root", str(tmp_path / "noann"), "--output",
+                            str(out)], "annotation file not found"),
+    }
+    for name, (argv, needle) in cases.items():
+        code, err = _run_ptq(argv, capsys)
+        assert code == 2, name
+        assert len(err.splitlines()) == 1 and needle in err, (name, err)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(CheckpointError):
+        load_maskrcnn(str(tmp_path / "backbone.pth"))
+
+
+def test_ptq_cli_writes_one_json(checkpoint, coco, tmp_path):
+    out = tmp_path / "r.json"
+    s = ptq.main(["--checkpoint", checkpoint, "--coco-root", coco, "--w_bits", "8", "--a_bits", "8", "--qwt",
+                  "--calib_size", "8", "--calib_batch", "4", "--qwt-batch", "8", "--output", str(out),
+                  "--plot", str(tmp_path / "r.png"), "--threads", "1"])
+    saved = json.loads(out.read_text())
+    assert set(saved["ap"]) == {"fp", "ptq", "qwt"} and saved == json.loads(json.dumps(s))
+    assert len(saved["qwt_report"]["blocks"]) == 15 and saved["recipe"]["name"] == "published"
+    assert os.path.getsize(tmp_path / "r.png") > 0
+
+
+def test_two_gloo_processes_merge_to_the_single_process_result(checkpoint, coco, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    common = ["-m", "det_torchvision.evaluate", "--checkpoint", checkpoint, "--coco-root", coco,
+              "--device", "cpu", "--threads", "1"]
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    subprocess.run([sys.executable, *common, "--output", str(one)], check=True, cwd=ROOT, env=env,
+                   capture_output=True, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", "29517", *common, "--launcher", "pytorch", "--output", str(two)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert b["world_size"] == 2 and a["world_size"] == 1
+    assert a["results"] == b["results"]
