@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 import time
 import types
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Literal, Optional, Sequence, Union
 
@@ -106,6 +107,7 @@ class YoloQwTReport:
     blocks: list[dict[str, Any]] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
 
     def applied(self) -> list[str]:
         return [d.name for d in self.layers if d.applied]
@@ -113,7 +115,7 @@ class YoloQwTReport:
     def to_dict(self) -> dict[str, Any]:
         def clean(d: dict[str, Any]) -> dict[str, Any]:
             return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
-        return {"seconds": self.seconds, "options": self.options,
+        return {"seconds": self.seconds, "options": self.options, "notes": self.notes,
                 "layers": [clean(asdict(d)) for d in self.layers], "blocks": self.blocks}
 
 
@@ -266,9 +268,16 @@ def _to(x: Any, device: torch.device) -> Any:
 
 # ---- QwT (the one call into qwt_core's compensation) -------------------------------------------------
 
-def _qwt_block(model: nn.Module, name: str, inputs: list[torch.Tensor], options: dict[str, Any]):
-    """QwT on the single block ``name`` with its calibration inputs (one tensor per batch)."""
-    return qwt_core.apply_qwt(model, [name], inputs, lambda x: x, form="conv", progress=False, **options)
+def _qwt_block(model: nn.Module, name: str, inputs: list[torch.Tensor], options: dict[str, Any],
+               notes: list[str]):
+    """QwT on the single block ``name`` with its calibration inputs (one tensor per batch); the
+    engine's warnings are collected into ``notes`` (one run per layer would repeat them)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rep = qwt_core.apply_qwt(model, [name], inputs, lambda x: x, form="conv", progress=False,
+                                 **options)
+    notes += [f"{name}: {w.message}" for w in caught]
+    return rep
 
 
 @torch.no_grad()
@@ -308,7 +317,7 @@ def compensate_yolo(qy: QuantizedYolo, batches: Sequence[torch.Tensor], progress
                             inputs=layer.f if isinstance(layer.f, int) else list(layer.f),
                             applied=False, reason=reason or "")
         if reason is None:
-            rep = _qwt_block(model, f"model.{i}", [_to(x, device) for x in inputs], options)
+            rep = _qwt_block(model, f"model.{i}", [_to(x, device) for x in inputs], options, report.notes)
             b = rep.blocks[0]
             report.blocks.append(rep.to_dict()["blocks"][0])
             dec.applied, dec.r2, dec.rows, dec.ridge = b.applied, b.r2, b.rows, b.ridge
@@ -326,6 +335,9 @@ def compensate_yolo(qy: QuantizedYolo, batches: Sequence[torch.Tensor], progress
                 st["x"] = out
                 st["y"].append(out if i in save else None)
     report.seconds = time.perf_counter() - t0
+    if report.notes:
+        warnings.warn(f"QwT: {len(report.notes)} layer warnings, e.g. {report.notes[0]} "
+                      "(all in the report's notes)", stacklevel=2)
     return report
 
 
