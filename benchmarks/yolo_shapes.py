@@ -76,6 +76,26 @@ def train(data_yaml: str, out: str, epochs: int, imgsz: int, batch: int, seed: i
     return os.path.join(out, "train", "weights", "last.pt"), time.perf_counter() - t0
 
 
+def training_log(run_dir: str) -> dict[str, Any]:
+    """Epochs completed, cumulative training seconds and the last epoch's validation mAPs, read from
+    Ultralytics' ``results.csv``."""
+    import csv
+    path = os.path.join(run_dir, "results.csv")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        rows = [{k.strip(): v for k, v in r.items()} for r in csv.DictReader(f)]
+    if not rows:
+        return {}
+    last = rows[-1]
+    out: dict[str, Any] = {"epochs_completed": len(rows)}
+    for key, name in (("time", "seconds"), ("metrics/mAP50(B)", "last_epoch_val_map50"),
+                      ("metrics/mAP50-95(B)", "last_epoch_val_map50_95")):
+        if key in last:
+            out[name] = float(last[key])
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.path.join(ROOT, "outputs", "yolo_shapes"))
@@ -89,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--qwt-images", type=int, default=256, help="QwT calibration images")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--synthetic-images", type=int, default=64,
+                   help="stage I images for the synthetic-calibration rows (0: none)")
+    p.add_argument("--synth-iterations", type=int, default=200, help="stage C iterations (published 3000)")
+    p.add_argument("--synth-label-iterations", type=int, default=200, help="stage B iterations (published 3000)")
+    p.add_argument("--synth-label-imgsz", type=int, default=64, help="stage B size (published: imgsz / 4)")
+    p.add_argument("--synth-batch", type=int, default=32)
     p.add_argument("--retrain", action="store_true")
     p.add_argument("--train-only", action="store_true")
     args = p.parse_args(argv)
@@ -108,6 +134,47 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trained: {ckpt} ({train_seconds} s)")
         return 0
     return measure(args, data_yaml, ckpt, train_seconds)
+
+
+def synthetic_rows(args: argparse.Namespace, base, val, bn: str) -> dict[str, Any]:
+    """Stage I set from the FP model alone (cached under ``--out``, resumable), then PTQ and PTQ + QwT
+    calibrated on it, at every bit width with BatchNorm ``bn``."""
+    from qwt_core.synth_io import load_synthetic_set
+    from yolo_qwt.quant import YoloQuantConfig, calibrate_yolo, compensate_yolo, quantize_yolo
+    from yolo_qwt.synth import IMAGE_STAGE, LABEL_STAGE, load_images, synthesize
+
+    lab = LABEL_STAGE.scaled(args.synth_label_iterations, args.synth_label_imgsz, args.synth_batch)
+    img = IMAGE_STAGE.scaled(args.synth_iterations, args.imgsz, args.synth_batch)
+    out = os.path.join(args.out, f"synth_{args.synthetic_images}_{lab.iterations}_{img.iterations}")
+    ts = time.perf_counter()
+    folder = synthesize(copy.deepcopy(base), out, args.synthetic_images, lab, img, seed=args.seed)
+    wall = time.perf_counter() - ts
+    images = load_images(folder, base)
+    per_it = {}
+    for name, stage, sub in (("label_stage", lab, "labels"), ("image_stage", img, "images")):
+        sset = load_synthetic_set(os.path.join(out, sub), task="detection")
+        secs = [sset[i]["metainfo"]["seconds"] for i in range(0, len(sset), stage.batch)]
+        per_it[name] = {"config": stage.to_dict(), "batches": len(secs),
+                        "seconds_per_iteration": sum(secs) / (len(secs) * stage.iterations)}
+    n_boxes = [len(load_synthetic_set(folder, task="detection")[i]["target"]["labels"])
+               for i in range(args.synthetic_images)]
+    n_calib = min(args.calib, args.synthetic_images)
+    runs = []
+    for w, a in BITS:
+        cfg = YoloQuantConfig(w, a, bn=bn)
+        det = copy.deepcopy(base)
+        qy = quantize_yolo(det, cfg)
+        torch.manual_seed(args.seed)
+        calibrate_yolo(qy, images[:n_calib])
+        ptq = val(det)
+        rep = compensate_yolo(qy, list(images.split(32)), progress=False)
+        qwt = val(det)
+        print(f"{cfg.label} synthetic PTQ {ptq['map50_95']:.4f}/{ptq['map50']:.4f}  "
+              f"+QwT {qwt['map50_95']:.4f}/{qwt['map50']:.4f}  ({len(rep.applied())} layers)", flush=True)
+        runs.append({"config": cfg.to_dict(), "ptq": ptq, "qwt": qwt, "qwt_report": rep.to_dict()})
+    return {"images": args.synthetic_images, "ptq_images": n_calib, "qwt_images": args.synthetic_images,
+            "folder": os.path.relpath(folder, ROOT), "synthesis_wall_seconds": wall,
+            "labels_per_image_mean": sum(n_boxes) / len(n_boxes), **per_it, "runs": runs}
 
 
 def measure(args: argparse.Namespace, data_yaml: str, ckpt: str, train_seconds: float | None) -> int:
@@ -143,28 +210,46 @@ def measure(args: argparse.Namespace, data_yaml: str, ckpt: str, train_seconds: 
             runs.append({"config": cfg.to_dict(), "meta": qy.meta, "ptq": ptq, "qwt": qwt,
                          "calibration_seconds": t_cal, "qwt_seconds": t_qwt,
                          "qwt_report": rep.to_dict()})
-            tag = "" if bn == "folded" else " (BN unfolded)"
-            rows += [{"setting": cfg.label, "method": "PTQ" + tag, "top1": 100 * ptq["map50_95"]},
-                     {"setting": cfg.label, "method": "PTQ + QwT" + tag, "top1": 100 * qwt["map50_95"]}]
+    mean_qwt = {bn: sum(r["qwt"]["map50_95"] for r in runs if r["config"]["bn"] == bn) / len(BITS)
+                for bn in ("folded", "unfolded")}
+    best_bn = max(mean_qwt, key=mean_qwt.get)
+    for r in runs:
+        if r["config"]["bn"] == best_bn:
+            rows += [{"setting": r["config"]["label"], "method": "PTQ", "top1": 100 * r["ptq"]["map50_95"]},
+                     {"setting": r["config"]["label"], "method": "PTQ + QwT", "top1": 100 * r["qwt"]["map50_95"]}]
+    synthetic = synthetic_rows(args, base, val, best_bn) if args.synthetic_images > 0 else None
+    if synthetic is not None:
+        for r in synthetic["runs"]:
+            rows += [{"setting": r["config"]["label"], "method": "PTQ, synthetic calib",
+                      "top1": 100 * r["ptq"]["map50_95"]},
+                     {"setting": r["config"]["label"], "method": "PTQ + QwT, synthetic calib",
+                      "top1": 100 * r["qwt"]["map50_95"]}]
     os.makedirs(args.results, exist_ok=True)
     result = {
         "benchmark": "yolo_shapes", "model": "yolo11n (random init, trained on the shapes set)",
         "checkpoint": os.path.relpath(ckpt, ROOT), "imgsz": args.imgsz,
         "dataset": {"generator": "benchmarks/shapes.py write_yolo_dataset", "n_train": args.n_train,
                     "n_val": args.n_val, "classes": data["names"]},
-        "training": {"epochs": args.epochs, "batch": args.batch, "seconds": train_seconds,
+        "training": {"epochs": args.epochs, "batch": args.batch, "imgsz": args.imgsz, "device": "cpu",
+                     "trainer": "ultralytics YOLO('yolo11n.yaml').train (default hyper-parameters)",
+                     **training_log(os.path.dirname(os.path.dirname(ckpt))),
                      "selection": "last epoch (no selection on the validation split)"},
         "calibration": {"ptq_images": args.calib, "qwt_images": args.qwt_images, "source": "train split",
                         "seed": args.seed},
         "metric": "Ultralytics DetectionValidator on the val split (conf 0.001, IoU 0.7)",
-        "fp": fp, "runs": runs, "seconds": time.perf_counter() - t0, "machine": machine(),
+        "bn_mean_qwt_map50_95": mean_qwt, "bn_better": best_bn,
+        "fp": fp, "runs": runs, "synthetic": synthetic, "seconds": time.perf_counter() - t0, "machine": machine(),
     }
     path = os.path.join(args.results, "yolo_shapes.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
-    from qwt_core.plotting import plot_accuracy
-    plot_accuracy(rows, os.path.join(args.results, "yolo_shapes.png"),
-                  "yolo11n on shapes (160 px): PTQ vs PTQ + QwT, real calibration", ylabel="mAP50-95 (%)")
+    from qwt_core.plotting import plot_summary
+    panels = {f"{r['config']['label']} (BN {r['config']['bn']}): per-layer error": [
+        l for l in r["qwt_report"]["layers"] if l["r2"] is not None]
+        for r in runs if r["config"]["label"] in ("W4A8", "W4A4") and r["config"]["bn"] == best_bn}
+    plot_summary(rows, panels, os.path.join(args.results, "yolo_shapes.png"),
+                 f"yolo11n on shapes ({args.imgsz} px): PTQ vs PTQ + QwT, real calibration, BN {best_bn}",
+                 accuracy_title="mAP50-95, Ultralytics validator", ylabel="mAP50-95 (%)")
     print(f"wrote {path}")
     return 0
 

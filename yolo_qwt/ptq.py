@@ -24,6 +24,7 @@ from qwt_core.cli_options import parse_ridge
 from .evaluate import DatasetError, calibration_images, check_dataset, validate
 from .models import FAMILIES, ModelSpecError, load_detector
 from .quant import BN_MODES, YoloQuantConfig, calibrate_yolo, compensate_yolo, quantize_yolo
+from .synth import SynthSetError, load_images as load_synthetic
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-images", type=int, default=32, help="PTQ calibration images (one forward)")
     p.add_argument("--qwt-images", type=int, default=512, help="QwT calibration images")
     p.add_argument("--calib-split", default="train", help="dataset split the calibration images come from")
+    p.add_argument("--synthetic", default=None, metavar="DIR",
+                   help="calibrate on a synthetic set (python -m yolo_qwt.synth) instead of real images")
     p.add_argument("--split", default="val", help="dataset split to evaluate")
     p.add_argument("--qwt-gate", choices=("holdout", "insample"), default=None,
                    help="QwT gate (default holdout: compensate iff held-out R² > 0)")
@@ -58,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join("runs", "yolo_qwt"), help="output folder")
     return p
+
+
+def synthetic_images(folder: str, det, n: int) -> torch.Tensor:
+    """The first ``n`` images of the synthetic set in ``folder`` (made from this detector)."""
+    images = load_synthetic(folder, det)
+    if images.shape[0] < n:
+        raise SynthSetError(f"--synthetic {folder!r} holds {images.shape[0]} images, {n} needed")
+    return images[:n]
 
 
 def _fail(message: str) -> int:
@@ -79,8 +90,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         data = check_dataset(args.data)
         det = load_detector(args.model, nc=int(data["nc"]), names=data["names"], family=args.family)
         n_img = max(args.calib_images, args.qwt_images if args.qwt else 0)
-        images = calibration_images(data, n_img, args.imgsz, seed=args.seed, split=args.calib_split)
-    except (ModelSpecError, DatasetError) as e:
+        if args.synthetic:
+            images = synthetic_images(args.synthetic, det, n_img)
+        else:
+            images = calibration_images(data, n_img, args.imgsz, seed=args.seed, split=args.calib_split)
+    except (ModelSpecError, DatasetError, SynthSetError) as e:
         return _fail(str(e))
     if set(det.names) != set(range(int(data["nc"]))):
         return _fail(f"--model has {len(det.names)} classes, --data {args.data!r} has {data['nc']}")
@@ -96,7 +110,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     result: dict[str, Any] = {"model": det.describe(), "data": os.path.abspath(args.data),
                               "config": config.to_dict(), "imgsz": args.imgsz, "split": args.split,
                               "calibration": {"ptq_images": args.calib_images, "split": args.calib_split,
-                                              "seed": args.seed, "source": "real"}}
+                                              "seed": args.seed,
+                                              "source": f"synthetic: {args.synthetic}" if args.synthetic else "real"}}
     if not args.no_fp:
         result["fp"] = val(copy.deepcopy(det))
         print(f"FP      mAP50-95 {result['fp']['map50_95']:.4f}  mAP50 {result['fp']['map50']:.4f}")
