@@ -21,7 +21,7 @@ MODEL_KWARGS: tuple[str, ...] = (
     "min_size", "max_size", "image_mean", "image_std", "rpn_pre_nms_top_n_test",
     "rpn_post_nms_top_n_test", "box_detections_per_img", "box_score_thresh", "box_nms_thresh",
     "rpn_batch_size_per_image", "box_batch_size_per_image", "rpn_pre_nms_top_n_train",
-    "rpn_post_nms_top_n_train", "box_head_dim", "mask_head_layers")
+    "rpn_post_nms_top_n_train", "box_head_dim", "mask_head_layers", "anchor_sizes")
 
 
 class CheckpointError(ValueError):
@@ -30,7 +30,8 @@ class CheckpointError(ValueError):
 
 def build_maskrcnn(arch: str = "maskrcnn_resnet50_fpn", num_classes: int = 91, frozen_bn: bool = True,
                    trainable_layers: int = 3, box_head_dim: Optional[int] = None,
-                   mask_head_layers: Optional[Sequence[int]] = None, **kwargs: Any) -> nn.Module:
+                   mask_head_layers: Optional[Sequence[int]] = None,
+                   anchor_sizes: Optional[Sequence[int]] = None, **kwargs: Any) -> nn.Module:
     """A randomly initialised torchvision Mask R-CNN of ``arch`` in eval mode (no download).
 
     Args:
@@ -42,6 +43,8 @@ def build_maskrcnn(arch: str = "maskrcnn_resnet50_fpn", num_classes: int = 91, f
         trainable_layers: v1 only: trunk stages left trainable (3 as torchvision, 5 for all).
         box_head_dim, mask_head_layers: smaller RoI heads (the TwoMLPHead width, the mask head conv
             widths) than torchvision's 1024 and (256, 256, 256, 256); None: torchvision's.
+        anchor_sizes: one RPN anchor size per FPN level (5; aspect ratios 0.5, 1, 2) for small
+            images; None: torchvision's (32, 64, 128, 256, 512).
         kwargs: ``torchvision.models.detection.MaskRCNN`` arguments (``min_size``, ``max_size``, ...).
     """
     from torchvision.models import resnet50
@@ -54,8 +57,8 @@ def build_maskrcnn(arch: str = "maskrcnn_resnet50_fpn", num_classes: int = 91, f
     if arch not in ARCHS:
         raise ValueError(f"--arch {arch!r}: use one of {', '.join(ARCHS)}")
     if arch == "maskrcnn_resnet50_fpn_v2":
-        if box_head_dim is not None or mask_head_layers is not None:
-            raise ValueError("box_head_dim / mask_head_layers are for maskrcnn_resnet50_fpn (v1)")
+        if box_head_dim is not None or mask_head_layers is not None or anchor_sizes is not None:
+            raise ValueError("box_head_dim / mask_head_layers / anchor_sizes are for maskrcnn_resnet50_fpn (v1)")
         model = maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=num_classes,
                                          **kwargs)
         return model.eval()
@@ -68,8 +71,15 @@ def build_maskrcnn(arch: str = "maskrcnn_resnet50_fpn", num_classes: int = 91, f
         heads = dict(box_head=TwoMLPHead(256 * 7 * 7, dim), box_predictor=FastRCNNPredictor(dim, num_classes),
                      mask_head=MaskRCNNHeads(256, layers, 1),
                      mask_predictor=MaskRCNNPredictor(layers[-1], layers[-1], num_classes))
+    if anchor_sizes is not None:
+        from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+        sizes = tuple((int(a),) for a in anchor_sizes)
+        if len(sizes) != 5:
+            raise ValueError(f"anchor_sizes={list(anchor_sizes)}: give one size per FPN level (5)")
+        heads["rpn_anchor_generator"] = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
     model = MaskRCNN(_resnet_fpn_extractor(trunk, trainable_layers),
-                     num_classes=None if heads else num_classes, **heads, **kwargs)
+                     num_classes=None if "box_predictor" in heads else num_classes, **heads, **kwargs)
     return model.eval()
 
 

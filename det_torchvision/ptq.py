@@ -16,6 +16,7 @@ with the AP of every stage, the configuration and the per-block QwT decisions.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -73,9 +74,8 @@ def compensate_detector(qm: QuantizedModel, batches: Sequence[torch.Tensor], fpn
     if fpn:
         fpn_kwargs = {k: v for k, v in qwt_kwargs.items() if k != "start_block"}
         for name in fpn_output_blocks(qm.model):
-            level = QuantizedModel(model=qm.model, ln_pairs=[], block_names=[name],
-                                   first_block_input=fpn_block_input(qm.model, name), form="conv",
-                                   meta=qm.meta, qwt_kwargs=qm.qwt_kwargs)
+            level = dataclasses.replace(qm, block_names=[name], transition=None, run_block=None,
+                                        first_block_input=fpn_block_input(qm.model, name))
             out["fpn"].append(compensate(level, batches, progress=progress, **fpn_kwargs).to_dict())
     return out
 
