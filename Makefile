@@ -51,17 +51,15 @@ demo: $(CORE)
 test: $(CORE) $(DET) $(YOLO) $(TESTS)
 	$(PY) -m pytest -q tests
 
-bench: $(STAMP)
-	$(PY) benchmarks/calibration_cost.py
-
 # calibration / fake-quant eval / QwT time vs FP, DeiT-S, Swin-T, ResNet-50 (2 CPU threads; + GPU if any)
-# -> outputs/bench/speed.json
+# -> results/speed_<devices>.json
+bench: bench-speed
 bench-speed: $(STAMP)
-	$(PY) benchmarks/speed.py $(SPEED_ARGS)
+	$(PY) -m benchmarks.speed $(SPEED_ARGS)
 
-# ONNX QDQ int8 latency (onnxruntime, 2 threads): DeiT-S, Swin-T, ResNet-50 -> outputs/bench/onnx_latency.json
+# ONNX QDQ int8 latency (onnxruntime, 2 threads): DeiT-S, Swin-T, ResNet-50 -> results/onnx_latency.json
 bench-onnx: $(STAMP)
-	$(PY) benchmarks/onnx_latency.py
+	$(PY) -m benchmarks.onnx_latency
 
 clean-venv:
 	rm -rf $(VENV)

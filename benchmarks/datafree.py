@@ -11,7 +11,7 @@ For every seed (as ``scripts/demo.py``; its data, training and caching functions
    ``train/``, subset drawn with the seed) and ``--calib_source synthetic``, both with 512 QwT images
    and a 32-image RepQ-ViT batch, for every bit setting; val top-1 is reported as mean ± std over seeds.
 
-Usage: ``python benchmarks/datafree.py [--seeds 0 1 2] [--bits W4A4 W3A3] [--iterations 300] [--jobs 2]``.
+Usage: ``python -m benchmarks.datafree [--seeds 0 1 2] [--bits W4A4 W3A3] [--iterations 300] [--jobs 2]``.
 Writes ``outputs/datafree/results.json`` (+ ``accuracy.png`` when ``qwt_core.plotting`` is available).
 One thread per process with deterministic algorithms (as the demo), one seed per process.
 """
@@ -27,9 +27,9 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Optional, Sequence
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from benchmarks.common import ROOT, machine_info, results_path  # noqa: F401
+
+from qwt_core.model_io import atomic_write_json  # noqa: E402
 
 OUT = os.path.join(ROOT, "outputs", "datafree")
 SOURCES = ("real", "synthetic")
@@ -73,7 +73,7 @@ def run_seed(seed: int, settings: Sequence[str], iterations: int, synth_batch: i
         if summary["batches_made"] == (demo.CALIB_SIZE + synth_batch - 1) // synth_batch:
             timing = {"seconds": seconds, "seconds_per_image": seconds / demo.CALIB_SIZE,
                       "seconds_per_iteration": summary["seconds_per_iteration"], "threads": 1}
-            demo._write_json(timing_file, timing)
+            atomic_write_json(timing_file, timing)
         elif os.path.isfile(timing_file):  # a finished folder from an earlier run: its measured time
             with open(timing_file) as tf:
                 timing = dict(json.load(tf), reused=True)
@@ -197,7 +197,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                          for k, v in r["runs"].items())
         print(f"seed {r['seed']}: {accs}", flush=True)
     summary = aggregate(demo, per_seed, settings, args, time.perf_counter() - t0)
-    demo._write_json(os.path.join(out, "results.json"), summary)
+    summary["machine"] = machine_info(1)
+    atomic_write_json(os.path.join(out, "results.json"), summary)
+    atomic_write_json(results_path("datafree.json"), summary)
     print("\n" + format_table(summary))
     try:
         from qwt_core.plotting import plot_accuracy

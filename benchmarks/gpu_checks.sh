@@ -5,16 +5,15 @@
 #           a CPU-quantized model runs the same on CUDA, CUDA calibration as good as the CPU's, QwT
 #           moments on the device in float64 and solved there by the Cholesky path with the CPU eigh
 #           fit's result, ONNX export of a GPU model;
-#   speed   benchmarks/speed.py --device cuda (calibration / evaluation / QwT stage vs FP forwards,
+#   speed   python -m benchmarks.speed --device cuda (calibration / evaluation / QwT stage vs FP forwards,
 #           eager and fused) -> speed_cuda.json;
-#   phases  benchmarks/qwt_phases.py --device cuda (where the QwT stage's time goes) on 64 and on 512
+#   phases  python -m benchmarks.speed --phases --device cuda (where the QwT stage's time goes) on 64 and on 512
 #           QwT images (the papers' set; on a GPU the per-block solve is a fixed cost, so the ratio
 #           depends on the size; the stage solves by Cholesky, and every block's solve is also timed
 #           with eigh and Cholesky on the device and on a host copy: 'solve: eigh, CPU copy' ...)
 #           -> qwt_phases_cuda_64.json, qwt_phases_cuda_512.json;
 #   compiled (not in the default run: a second call if time is left) the whole-model compile tests of
-#           tests/test_cuda.py, then benchmarks/compile_ab.py on CUDA: evaluation through torch.compile
-#           of the whole quantized model vs eager -> compile_ab_cuda.json.
+#           tests/test_cuda.py.
 #
 #   bash benchmarks/gpu_checks.sh [STEP ...]        (default: tests speed phases)
 #
@@ -62,14 +61,12 @@ for s in "${STEPS[@]}"; do
     case $s in
         tests)  run_step tests tests "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py -k "not whole_model" ;;
         # shellcheck disable=SC2086
-        speed)  run_step speed speed "$PY" benchmarks/speed.py --device cuda \
+        speed)  run_step speed speed "$PY" -m benchmarks.speed --device cuda \
                     ${SPEED_ARGS:---modes eager fused --reps 2 --qwt_size 512 --eval_size 128} \
                     --output "$DEST/speed_cuda.json" ;;
-        compiled) run_step compiled compiled bash -c '"$0" -m pytest -q -p no:cacheprovider tests/test_cuda.py \
-                    -k whole_model && "$0" benchmarks/compile_ab.py --device cuda --eval_size 128 --output "$1"' \
-                    "$PY" "$DEST/compile_ab_cuda.json" ;;
+        compiled) run_step compiled compiled "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py -k whole_model ;;
         phases) for n in 64 512; do
-                    run_step "phases_$n" phases "$PY" benchmarks/qwt_phases.py --device cuda --qwt_size "$n" \
+                    run_step "phases_$n" phases "$PY" -m benchmarks.speed --phases --device cuda --qwt_size "$n" \
                         --output "$DEST/qwt_phases_cuda_$n.json"
                 done ;;
     esac

@@ -17,8 +17,8 @@ Timings interleave the variants round by round (the machine may be shared) and r
 ratios are ratios of medians taken in the same run. The JSON also records the integer / float op
 counts of the graph onnxruntime runs, the CPU flags (VNNI or not) and the versions.
 
-Usage: ``python benchmarks/onnx_latency.py [--models deit_small swin_tiny resnet50] [--batches 1 32]
-[--threads 2] [--rounds 5] [--out outputs/bench/onnx_latency.json]``.
+Usage: ``python -m benchmarks.onnx_latency [--models deit_small swin_tiny resnet50] [--batches 1 32]
+[--threads 2] [--rounds 5] [--out results/onnx_latency.json]``.
 """
 from __future__ import annotations
 
@@ -34,9 +34,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from benchmarks.common import ROOT, machine_info, results_path  # noqa: F401
 
 import qwt_core  # noqa: E402
 from qwt_core import export as qx  # noqa: E402
@@ -66,10 +64,10 @@ def cpu_flags() -> dict[str, Any]:
 def _quantize(name: str, model: torch.nn.Module, w_bits: int, a_bits: int):
     spec = get_spec(name)
     if spec.family == "vit":
-        return qwt_core.quantize_timm_vit(model, w_bits, a_bits)
+        return qwt_core.adapters.quantize_timm_vit(model, w_bits, a_bits)
     if spec.family == "swin":
-        return qwt_core.quantize_timm_swin(model, w_bits, a_bits)
-    return qwt_core.quantize_resnet(model, w_bits, a_bits, act_mode="reference8")
+        return qwt_core.adapters.quantize_timm_swin(model, w_bits, a_bits)
+    return qwt_core.adapters.quantize_resnet(model, w_bits, a_bits, act_mode="reference8")
 
 
 def _ort_static_quant(fp_path: str, out_path: str, images: torch.Tensor) -> dict[str, Any]:
@@ -117,7 +115,7 @@ def prepare(name: str, w_bits: int, a_bits: int, img: int, calib: int, workdir: 
 
     qm = _quantize(name, copy.deepcopy(fp), w_bits, a_bits)
     t = time.perf_counter()
-    qwt_core.calibrate_repq(qm, images, integer_zero_point=True)
+    qwt_core.calibrate(qm, images, integer_zero_point=True)
     info["calibrate_s"] = time.perf_counter() - t
     tag = f"w{w_bits}a{a_bits}"
     files["ort_int8"] = os.path.join(workdir, f"{name}_{tag}.onnx")
@@ -204,7 +202,7 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument("--ort_reference", action="store_true",
                    help="also time onnxruntime's own quantize_static of the FP graph (token models)")
     p.add_argument("--img_size", type=int, default=224)
-    p.add_argument("--out", default=os.path.join(ROOT, "outputs", "bench", "onnx_latency.json"))
+    p.add_argument("--out", default=results_path("onnx_latency.json"))
     args = p.parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -253,6 +251,7 @@ def main(argv=None) -> dict[str, Any]:
             "deit_small_qwt_overhead_b32": {"fp32_comp": deit.get("qwt_overhead_fp32"),
                                             "int8_comp": deit.get("qwt_overhead_int8"),
                                             "target": TARGET_QWT_OVERHEAD}}
+    results["machine"] = machine_info(args.threads)
     atomic_write_json(args.out, results)
     print(f"results written to {args.out}", flush=True)
     return results

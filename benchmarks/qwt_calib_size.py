@@ -10,8 +10,8 @@ with QwT on ``n`` calibration images for n in ``--sizes`` (several random draws 
 Metrics on held-out test images (never used for training or calibration): mean squared error of the
 logits to the FP model's logits, and top-1 accuracy. Prints a table and writes JSON.
 
-Usage: ``python benchmarks/qwt_calib_size.py [--threads 1] [--sizes 4 8 16 ... 512] [--draws 2]
-[--output outputs/bench/qwt_calib_size.json]``.
+Usage: ``python -m benchmarks.qwt_calib_size [--threads 1] [--sizes 4 8 16 ... 512] [--draws 2]
+[--output results/qwt_calib_size.json]``.
 """
 from __future__ import annotations
 
@@ -26,9 +26,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from tqdm.auto import tqdm
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from benchmarks.common import ROOT, machine_info, results_path  # noqa: F401
 
 import qwt_core  # noqa: E402
 from qwt_core.model_io import atomic_write_json  # noqa: E402
@@ -84,8 +82,8 @@ def quantized(fp_state: dict, args: argparse.Namespace, repq_images: torch.Tenso
     model = build_vit(args.embed_dim, args.depth)
     model.load_state_dict(fp_state)
     model.eval()
-    qm = qwt_core.quantize_timm_vit(model, args.w_bits, args.a_bits)
-    qwt_core.calibrate_repq(qm, repq_images)
+    qm = qwt_core.adapters.quantize_timm_vit(model, args.w_bits, args.a_bits)
+    qwt_core.calibrate(qm, repq_images)
     return qm
 
 
@@ -105,7 +103,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1 is fastest on a shared machine: tiny ops, no OpenMP barriers)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", default="outputs/bench/qwt_calib_size.json")
+    p.add_argument("--output", default=results_path("qwt_calib_size.json"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
@@ -170,7 +168,7 @@ def main() -> None:
     seconds = time.perf_counter() - t_start
     lines.append(f"total {seconds:.1f} s (training {train_seconds:.1f} s) on {args.threads} threads")
     print("\n".join(lines))
-    atomic_write_json(args.output, {"config": vars(args), "fp": fp, "baseline": base, "summary": summary,
+    atomic_write_json(args.output, {"machine": machine_info(args.threads), "config": vars(args), "fp": fp, "baseline": base, "summary": summary,
                              "checks": checks, "runs": runs, "seconds": seconds,
                              "train_seconds": train_seconds, "depth_blocks": args.depth})
     print(f"wrote {args.output}")

@@ -25,9 +25,9 @@ The phases are timed by wrapping the functions ``apply_qwt`` calls, restored aft
 and the numbers are those of an ordinary ``compensate`` call. Each figure is the minimum over
 ``--reps`` fresh quantized copies (FP forwards timed next to each).
 
-Usage: ``python benchmarks/qwt_phases.py [--models ...] [--device cpu|cuda] [--reps 2]
+Usage: ``python -m benchmarks.speed --phases [--models ...] [--device cpu|cuda] [--reps 2]
 [--qwt_size 64] [--qwt_solver auto|eigh|cholesky] [--[no-]solve_ab] [--output
-outputs/bench/qwt_phases.json]``.
+results/qwt_phases_<device>.json]``.
 """
 from __future__ import annotations
 
@@ -35,7 +35,6 @@ import argparse
 import contextlib
 import copy
 import os
-import sys
 import time
 from collections import defaultdict
 from typing import Callable, Iterator
@@ -43,17 +42,13 @@ from typing import Callable, Iterator
 import timm
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for p in (ROOT, os.path.join(ROOT, "benchmarks")):
-    if p not in sys.path:
-        sys.path.insert(0, p)
-
-import qwt_core  # noqa: E402
-import qwt_core.compensation as comp  # noqa: E402
-import qwt_core.qwt as qwt_mod  # noqa: E402
-from qwt_core.model_io import atomic_write_json  # noqa: E402
-from speed import (ADAPTERS, _forward_all, _sync, _timed, add_setup_arguments,  # noqa: E402
-                   calibrated_for_qwt, start_run)
+import qwt_core
+import qwt_core.compensation as comp
+import qwt_core.qwt as qwt_mod
+from benchmarks.common import machine_info, results_path
+from qwt_core.model_io import atomic_write_json
+from benchmarks.speed import (ADAPTERS, _forward_all, _sync, _timed, add_setup_arguments,
+                              calibrated_for_qwt, start_run)
 
 PHASES = ("quantized blocks", "FP blocks", "moments", "solve", "other")
 
@@ -180,7 +175,7 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict:
             "stage_solver": sorted(solvers)}
 
 
-def main() -> None:
+def main(argv: "list[str] | None" = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_setup_arguments(p, reps=2)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -192,14 +187,15 @@ def main() -> None:
                         "on a host copy), outside the stage (default: on for CUDA)")
     p.add_argument("--cpu_solve_threads", type=int, default=os.cpu_count() or 1,
                    help="CUDA only: host threads for the 'CPU copy' solve timings (default: all cores)")
-    p.add_argument("--output", default=os.path.join(ROOT, "outputs", "bench", "qwt_phases.json"))
-    args = p.parse_args()
-    start_run(args, [args.device], args.device == "cpu", "cpu_solve_threads")
+    p.add_argument("--output", default=None, help="default: results/qwt_phases_<device>.json")
+    args = p.parse_args(argv)
+    args.output = args.output or results_path(f"qwt_phases_{args.device}.json")
+    start_run(args, [args.device], "cpu_solve_threads")
     device = torch.device(args.device)
     rows = []
     for name in args.models:  # the JSON after every model: a run stopped at a time limit keeps the rows done
         rows.append(measure(name, args, device))
-        atomic_write_json(args.output, {"torch": torch.__version__, "timm": timm.__version__,
+        atomic_write_json(args.output, {"machine": machine_info(args.threads), "torch": torch.__version__, "timm": timm.__version__,
                                         "settings": vars(args), "rows": rows, "complete": False})
     head = f"{'model':<30} " + " ".join(f"{k:>16}" for k in PHASES) + f" {'QwT / FP':>9} {'2 passes':>9}"
     lines = [head, "-" * len(head)]
@@ -217,7 +213,7 @@ def main() -> None:
                  + ")")
     table = "\n".join(lines)
     print(table)
-    atomic_write_json(args.output, {"torch": torch.__version__, "timm": timm.__version__,
+    atomic_write_json(args.output, {"machine": machine_info(args.threads), "torch": torch.__version__, "timm": timm.__version__,
                                     "settings": vars(args), "rows": rows, "table": table, "complete": True})
     print(f"wrote {args.output}")
 

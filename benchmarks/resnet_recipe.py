@@ -10,10 +10,10 @@ settings, so later runs skip training.
 For every combination of ``--bits`` × ``--act_modes`` × ``--recipes`` × ``--gates`` × ``--calib_seed``
 a fresh copy of the FP model is
 
-1. quantized with ``qwt_core.quantize_resnet(model, w_bits, a_bits, act_mode=..., recipe=...)``
+1. quantized with ``qwt_core.adapters.quantize_resnet(model, w_bits, a_bits, act_mode=..., recipe=...)``
    (stem ``conv1`` and ``fc`` W8/A8; ``reference8``: other conv inputs at 8 bits, ``true``: at
    ``a_bits``; ``published`` keeps BatchNorm as fp32 modules, ``folded`` folds it first);
-2. calibrated with ``qwt_core.calibrate_repq`` on 32 training images drawn with ``--calib_seed``;
+2. calibrated with ``qwt_core.calibrate`` on 32 training images drawn with ``--calib_seed``;
 3. compensated with ``qwt_core.compensate`` on 512 training images (the same seeded draw; the 32 are
    its first images): ``--gates recipe`` uses the recipe's own QwT settings (in-sample R² > 0,
    λ = 1e-3), ``--gates holdout`` overrides them with ``gate="holdout", ridge="auto"`` (the engine's
@@ -31,9 +31,9 @@ deliberately not re-created here.
 
 Not part of the test suite. Usage::
 
-    python benchmarks/resnet_recipe.py [--bits W4A4 W6A6] [--act_modes reference8 true]
+    python -m benchmarks.resnet_recipe [--bits W4A4 W6A6] [--act_modes reference8 true]
         [--recipes published folded] [--gates recipe holdout] [--calib_seed 0 2] [--epochs 5]
-        [--threads 2] [--cache outputs/bench/resnet_recipe] [--output outputs/bench/resnet_recipe.json]
+        [--threads 2] [--cache outputs/bench/resnet_recipe] [--output results/resnet_recipe.json]
 """
 from __future__ import annotations
 
@@ -51,9 +51,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from benchmarks.common import ROOT, machine_info, results_path  # noqa: F401
 
 import qwt_core  # noqa: E402
 from qwt_core.model_io import atomic_write_json  # noqa: E402
@@ -180,8 +178,8 @@ def run_one(fp_model: torch.nn.Module, w: int, a: int, act_mode: str, recipe: st
     t0 = time.perf_counter()
     perm = torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(calib_seed))
     calib = x_tr[perm[:QWT_CALIB_SIZE]]
-    qm = qwt_core.quantize_resnet(copy.deepcopy(fp_model), w, a, act_mode=act_mode, recipe=recipe)
-    qwt_core.calibrate_repq(qm, calib[:REPQ_CALIB_SIZE])
+    qm = qwt_core.adapters.quantize_resnet(copy.deepcopy(fp_model), w, a, act_mode=act_mode, recipe=recipe)
+    qwt_core.calibrate(qm, calib[:REPQ_CALIB_SIZE])
     before = metrics(logits_of(qm.model, x_te), fp_logits, y_te)
     report = qwt_core.compensate(qm, list(calib.split(QWT_BATCH)), progress=False, **GATES[gate])
     after = metrics(logits_of(qm.model, x_te), fp_logits, y_te)
@@ -222,7 +220,7 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--cache", default=os.path.join(ROOT, "outputs", "bench", "resnet_recipe"),
                    help="folder of the cached trained model")
-    p.add_argument("--output", default=os.path.join(ROOT, "outputs", "bench", "resnet_recipe.json"))
+    p.add_argument("--output", default=results_path("resnet_recipe.json"))
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -250,7 +248,8 @@ def main(argv=None) -> dict:
                "args": {k: (v if k != "bits" else [f"W{w}A{a}" for w, a in v]) for k, v in vars(args).items()},
                "env": {"torch": torch.__version__, "timm": __import__("timm").__version__,
                        "python": platform.python_version(), "threads": args.threads},
-               "wall_seconds": round(wall, 1), "rows": rows, "table": text}
+               "machine": machine_info(args.threads), "wall_seconds": round(wall, 1), "rows": rows,
+               "table": text}
     atomic_write_json(args.output, payload)
     print(f"wrote {os.path.relpath(args.output)}")
     return payload

@@ -4,7 +4,7 @@ For DeiT-S, Swin-T (RepQ-ViT, W4A4) and ResNet-50 (Percentile, W4A4) from timm w
 weights at 224², this measures in ONE run the three ratios of issue 10, each against FP forwards
 of the same model on the same images:
 
-* ``calibration``: ``qwt_core.calibrate_repq`` on the calibration batch (32 images) ÷ one FP
+* ``calibration``: ``qwt_core.calibrate`` on the calibration batch (32 images) ÷ one FP
   forward of that batch (target ≤ 3×);
 * ``fake-quant eval``: forward of the calibrated fake-quant model ÷ FP forward over the evaluation
   images (target ≤ 1.25× on CPU, ≤ 1.5× on GPU); also reported after QwT (compensations included),
@@ -21,12 +21,11 @@ contention hits both sides alike, and each time is summarised over ``--reps`` by
 (``--stat min``, default: interference only ever slows a run down, so the best of N is the least
 disturbed one) or its median (``--stat median``). Times are wall-clock seconds.
 
-The CPU heap is kept (``--cpu_heap retain``, :mod:`qwt_core.cpu_heap`, as the command lines do on
-CPU) unless ``--cpu_heap system``; ``benchmarks/cpu_heap_ab.py`` compares the two.
+``--phases`` measures where the QwT stage's time goes instead (``benchmarks/qwt_phases.py``).
 
-Usage: ``python benchmarks/speed.py [--threads 2] [--reps 3] [--stat min|median] [--device cpu cuda] [--modes eager fused]
+Usage: ``python -m benchmarks.speed [--threads 2] [--reps 3] [--stat min|median] [--device cpu cuda] [--modes eager fused]
 [--models deit_small_patch16_224 swin_tiny_patch4_window7_224 resnet50]
-[--output outputs/bench/speed.json]``. GPU rows are measured only with ``--device cuda``
+[--output results/speed_<cpu|cuda>.json]``. GPU rows are measured only with ``--device cuda``
 (default: also on CUDA when one is available).
 """
 from __future__ import annotations
@@ -34,7 +33,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import statistics
 import sys
 import time
@@ -47,19 +45,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-import qwt_core  # noqa: E402
-import qwt_core.quantizers as qz  # noqa: E402
-from qwt_core.cpu_heap import retain_cpu_heap  # noqa: E402
-from qwt_core.model_io import atomic_write_json  # noqa: E402
+import qwt_core
+import qwt_core.quantizers as qz
+from benchmarks.common import cpu_name, machine_info, results_path
+from qwt_core.model_io import atomic_write_json
 
 ADAPTERS: dict[str, tuple[str, Callable]] = {
-    "deit_small_patch16_224": ("RepQ-ViT", qwt_core.quantize_timm_vit),
-    "swin_tiny_patch4_window7_224": ("RepQ-ViT", qwt_core.quantize_timm_swin),
-    "resnet50": ("Percentile", qwt_core.quantize_resnet),
+    "deit_small_patch16_224": ("RepQ-ViT", qwt_core.adapters.quantize_timm_vit),
+    "swin_tiny_patch4_window7_224": ("RepQ-ViT", qwt_core.adapters.quantize_timm_swin),
+    "resnet50": ("Percentile", qwt_core.adapters.quantize_resnet),
 }
 TARGETS = {"cpu": {"calibration": 3.0, "eval": 1.25, "qwt": 2.3},
            "cuda": {"calibration": 3.0, "eval": 1.5, "qwt": 2.5}}
@@ -89,8 +83,7 @@ def _images(n: int, seed: int, device: torch.device) -> torch.Tensor:
 
 
 def calibrated_for_qwt(name: str, args: argparse.Namespace, device: torch.device):
-    """``(fp, qm, qwt_batches)`` for the QwT-stage benchmarks (``qwt_phases.py``,
-    ``qwt_fitter_ab.py``): the FP model (warmed up), a RepQ-ViT/Percentile-calibrated quantized copy
+    """``(fp, qm, qwt_batches)`` for the QwT-stage benchmark (``qwt_phases.py``): the FP model (warmed up), a RepQ-ViT/Percentile-calibrated quantized copy
     (to deep-copy per run) and the QwT images cut into batches; seeded like :func:`measure_model`."""
     _, adapter = ADAPTERS[name]
     torch.manual_seed(args.seed)
@@ -99,7 +92,7 @@ def calibrated_for_qwt(name: str, args: argparse.Namespace, device: torch.device
     batches = list(_images(args.qwt_size, args.seed + 2, device).split(args.batch_size))
     _forward_all(fp, [calib[:4]])  # warm-up (allocator, kernels)
     qm = adapter(copy.deepcopy(fp), args.w_bits, args.a_bits)
-    qwt_core.calibrate_repq(qm, calib)
+    qwt_core.calibrate(qm, calib)
     return fp, qm, batches
 
 
@@ -132,7 +125,7 @@ def measure_model(name: str, mode: str, args: argparse.Namespace, device: torch.
     if mode == "fused":  # compile every quantizer kernel variant on a throwaway copy
         def warm_up() -> None:
             warm = adapter(copy.deepcopy(fp), args.w_bits, args.a_bits)
-            qwt_core.calibrate_repq(warm, calib[:2])
+            qwt_core.calibrate(warm, calib[:2])
             qwt_core.compensate(warm, [calib[:2]], progress=False)
             _forward_all(warm.model, [calib[:2]])
         compile_s = _timed(warm_up, device)
@@ -146,7 +139,7 @@ def measure_model(name: str, mode: str, args: argparse.Namespace, device: torch.
         qm = adapter(model, args.w_bits, args.a_bits)
         # calibration vs one FP forward of the calibration batch (FP on both sides of it)
         fp_a = _timed(lambda: _forward_all(fp, [calib]), device)
-        t["calibration"].append(_timed(lambda: qwt_core.calibrate_repq(qm, calib), device))
+        t["calibration"].append(_timed(lambda: qwt_core.calibrate(qm, calib), device))
         fp_b = _timed(lambda: _forward_all(fp, [calib]), device)
         t["fp_calib"].append((fp_a + fp_b) / 2)
         # evaluation: FP and fake-quant batch by batch, alternating, --eval_rounds times (one untimed
@@ -204,13 +197,13 @@ def format_table(rows: list[dict], args: argparse.Namespace) -> str:
     lines.append(f"('!' = misses the target; calibration batch {args.calib_size}, eval "
                  f"{args.eval_size} images, QwT on {args.qwt_size} images, batch {args.batch_size}, "
                  f"W{args.w_bits}A{args.a_bits}, {args.stat} of {args.reps} repetitions (evaluation: "
-                 f"{args.eval_rounds} passes each), CPU heap: {args.cpu_heap})")
+                 f"{args.eval_rounds} passes each))")
     return "\n".join(lines)
 
 
 def add_setup_arguments(p: argparse.ArgumentParser, reps: int) -> None:
-    """Models, threads, repetitions, set sizes, bits and seed: the arguments ``speed.py``,
-    ``qwt_phases.py`` and ``qwt_fitter_ab.py`` share."""
+    """Models, threads, repetitions, set sizes, bits and seed: the arguments ``speed.py`` and
+    ``qwt_phases.py`` share."""
     p.add_argument("--models", nargs="+", default=list(ADAPTERS), choices=list(ADAPTERS))
     p.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--reps", type=int, default=reps)
@@ -230,26 +223,26 @@ def require_positive(args: argparse.Namespace, *names: str) -> None:
             raise SystemExit(f"--{n}={v}: must be at least 1")
 
 
-def start_run(args: argparse.Namespace, devices: Sequence[str], retain_heap: bool, *positive: str) -> None:
+def start_run(args: argparse.Namespace, devices: Sequence[str], *positive: str) -> None:
     """What every benchmark does after parsing its arguments, before any model: one-line exits for
     a CUDA device that is not visible and for counts below 1 (:func:`require_positive`, plus
-    ``positive``), ``--threads``, the CPU heap kept when ``retain_heap`` (process-wide, so FP and
-    quantized runs alike; one-line exit where the C library refuses, since the JSON would record a
-    setting not in effect), and QwT's "fewer rows than 10x the features" warning silenced (the small
+    ``positive``), ``--threads``, and QwT's "fewer rows than 10x the features" warning silenced (the small
     benchmark sets trigger it once per run; the time, not the fit, is measured)."""
     if "cuda" in devices and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible; drop it or run on a GPU machine")
     require_positive(args, *positive)
     torch.set_num_threads(args.threads)
-    if retain_heap:
-        try:
-            retain_cpu_heap()
-        except RuntimeError as e:
-            raise SystemExit(f"error: {e}") from None
     warnings.filterwarnings("ignore", message=r"QwT block .* fit rows")
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--phases" in argv:
+        from benchmarks import qwt_phases
+
+        argv.remove("--phases")
+        qwt_phases.main(argv)
+        return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_setup_arguments(p, reps=3)
     p.add_argument("--device", nargs="+", default=None, choices=["cpu", "cuda"],
@@ -263,16 +256,16 @@ def main() -> None:
                    help="evaluation passes (FP and fake-quant alternating) per repetition, before and "
                         "after QwT; every pass is a sample of --stat (evaluation is the cheapest step "
                         "and its ratio the one nearest its target, so it gets the most samples)")
-    p.add_argument("--cpu_heap", choices=["retain", "system"], default="retain",
-                   help="retain (default, as the command lines do on CPU): keep freed memory in the heap "
-                        "(qwt_core.cpu_heap); system: glibc's own trimming and mmap of large blocks")
-    p.add_argument("--output", default=os.path.join(ROOT, "outputs", "bench", "speed.json"))
-    args = p.parse_args()
+    p.add_argument("--phases", action="store_true",
+                   help="measure where the QwT stage's time goes instead (benchmarks/qwt_phases.py)")
+    p.add_argument("--output", default=None, help="default: results/speed_<devices>.json")
+    args = p.parse_args(argv)
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
-    start_run(args, devices, args.cpu_heap == "retain", "eval_size", "eval_rounds")
+    args.output = args.output or results_path(f"speed_{'_'.join(devices)}.json")
+    start_run(args, devices, "eval_size", "eval_rounds")
 
     t0 = time.perf_counter()
-    cpu = _cpu_name()
+    cpu = cpu_name()
     gpu = torch.cuda.get_device_name(0) if "cuda" in devices else None
     rows: list[dict] = []
     for dev in devices:
@@ -289,22 +282,11 @@ def main() -> None:
     print(f"wrote {args.output}")
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _write_json(args: argparse.Namespace, rows: list[dict], cpu: str, gpu: str | None,
                 total_s: float, table: str) -> None:
     """Atomic write of everything measured so far to ``args.output``."""
-    out = {"torch": torch.__version__, "timm": timm.__version__, "threads": args.threads,
-           "cpu": cpu, "gpu": gpu, "settings": vars(args), "total_s": total_s,
+    out = {"machine": machine_info(args.threads), "torch": torch.__version__, "timm": timm.__version__,
+           "threads": args.threads, "cpu": cpu, "gpu": gpu, "settings": vars(args), "total_s": total_s,
            "complete": bool(table),
            "note": f"wall-clock {args.stat} over repetitions on a possibly shared machine; FP and "
                    "quantized timings interleaved per repetition", "rows": rows, "table": table}

@@ -24,7 +24,7 @@ import qwt_core
 from qwt_core.adapters.base import QuantizedModel
 from qwt_core.cli_options import (add_qwt_arguments, add_speed_arguments, apply_speed_arguments,
                                   compiled_for_eval, qwt_overrides)
-from qwt_core.cpu_heap import cpu_heap_mode
+from qwt_core.cli_options import malloc_tunables
 from qwt_core.distributed import is_main_process
 
 from . import data as cls_data
@@ -134,7 +134,7 @@ def _bits(value: str, flag: str) -> int:
     except ValueError:
         raise SystemExit(f"error: {flag}={value!r} is not supported: use an integer bit width from 2 to 8") from None
     try:
-        return qwt_core.validate_bits(bits, flag)
+        return qwt_core.quantizers.validate_bits(bits, flag)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
 
@@ -208,10 +208,10 @@ def quantize_model(model: nn.Module, spec: ModelSpec, w_bit: int, a_bit: int,
                    act_mode: Optional[str] = None, resnet_recipe: Optional[str] = None) -> QuantizedModel:
     """Fake-quantize ``model`` in place with the family's qwt_core adapter."""
     if spec.family == "vit":
-        return qwt_core.quantize_timm_vit(model, w_bit, a_bit)
+        return qwt_core.adapters.quantize_timm_vit(model, w_bit, a_bit)
     if spec.family == "swin":
-        return qwt_core.quantize_timm_swin(model, w_bit, a_bit)
-    return qwt_core.quantize_resnet(model, w_bit, a_bit, act_mode=act_mode or "reference8",
+        return qwt_core.adapters.quantize_timm_swin(model, w_bit, a_bit)
+    return qwt_core.adapters.quantize_resnet(model, w_bit, a_bit, act_mode=act_mode or "reference8",
                                     recipe=resnet_recipe or "published")
 
 
@@ -281,7 +281,7 @@ def _run(args: argparse.Namespace, spec: ModelSpec, rank: int, world: int, devic
         "integer_zero_point": args.integer_zero_point, "world_size": world, "device": str(device),
         "fused_fake_quant": bool(getattr(args, "fused_fake_quant", False)),
         "compile_model": compile_eval,
-        "cpu_heap": cpu_heap_mode(), "torch": torch.__version__, "python": platform.python_version(),
+        "malloc_tunables": malloc_tunables(), "torch": torch.__version__, "python": platform.python_version(),
         "accuracy": {}, "timings_s": timings}
     baseline = BASELINE_NAME[spec.family]
     rows: list[tuple[str, Optional[Accuracy]]] = []
@@ -343,7 +343,7 @@ def _run(args: argparse.Namespace, spec: ModelSpec, rank: int, world: int, devic
     if "recipe" in qm.meta:
         results["recipe"] = qm.meta["recipe"]
     try:
-        qwt_core.calibrate_repq(qm, calib.repq_images(args.workers).to(device),
+        qwt_core.calibrate(qm, calib.repq_images(args.workers).to(device),
                                 integer_zero_point=args.integer_zero_point)
     except RuntimeError as exc:
         raise SystemExit(f"error: {baseline} calibration failed: {exc}") from None

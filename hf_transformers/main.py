@@ -31,7 +31,7 @@ import qwt_core
 from qwt_core.adapters import hf as hf_adapter
 from qwt_core.cli_options import (add_solver_argument, add_speed_arguments, apply_speed_arguments,
                                   compiled_for_eval, parse_ridge, qwt_overrides)
-from qwt_core.cpu_heap import cpu_heap_mode
+from qwt_core.cli_options import malloc_tunables
 from qwt_core.model_io import atomic_write_json
 from qwt_core.quantizers import validate_bits
 
@@ -260,7 +260,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "w_bits": args.w_bits, "a_bits": args.a_bits, "eval_texts": len(eval_texts),
         "max_length": args.max_length, "seed": args.seed, "device": str(device),
         "fused_fake_quant": bool(args.fused_fake_quant), "compile_model": bool(args.compile_model),
-        "cpu_heap": cpu_heap_mode(),
+        "malloc_tunables": malloc_tunables(),
         "torch": torch.__version__, "python": platform.python_version()}
     print(f"model {args.model} ({type(model).__name__}, {kind}); W{args.w_bits}A{args.a_bits}; "
           f"{len(eval_texts)} held-out texts")

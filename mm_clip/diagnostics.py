@@ -8,7 +8,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from qwt_core import CompensatedBlock, QuantizedModel, quant_disabled
+from qwt_core import QuantizedModel, quant_disabled
+from qwt_core.compensation import CompensatedBlock
 from qwt_core.distributed import all_reduce_sum
 
 

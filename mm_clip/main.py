@@ -42,10 +42,11 @@ from mm_clip.models import (canonical_model_name, load_clip, model_record, regis
 from mm_clip.ptq import PTQConfig, quantize_text, quantize_visual
 from mm_clip.wds_calib import DEFAULT_INDEX_CACHE, draw_samples, expand_shards, index_shards, read_pairs
 from mm_clip.zeroshot import build_zero_shot_classifier, evaluate_zero_shot
-from qwt_core import load_quantized, save_quantized, validate_bits
+from qwt_core import load_quantized, save_quantized
+from qwt_core.quantizers import validate_bits
 from qwt_core.cli_options import (add_qwt_arguments, add_speed_arguments, apply_speed_arguments,
                                   compiled_for_eval, qwt_overrides)
-from qwt_core.cpu_heap import cpu_heap_mode
+from qwt_core.cli_options import malloc_tunables
 from qwt_core.adapters.open_clip import (PATCH_EMBED_INPUT_BITS, ZeroShotHead, quantize_open_clip_text,
                                          quantize_open_clip_visual, quantize_zero_shot_head)
 from qwt_core.distributed import (ShardSampler, destroy_distributed, init_distributed_from_env,
@@ -384,7 +385,7 @@ def _prepare(args: argparse.Namespace, rank: int, world: int, device: torch.devi
     results: dict[str, Any] = {"choice": args.choice, "device": str(device), "world_size": world,
                                "seed": args.seed, "templates": len(OPENAI_IMAGENET_TEMPLATES),
                                "fused_fake_quant": bool(args.fused_fake_quant),
-                               "compile_model": bool(args.compile_model), "cpu_heap": cpu_heap_mode(),
+                               "compile_model": bool(args.compile_model), "malloc_tunables": malloc_tunables(),
                                "torch": torch.__version__}
 
     if args.load_quantized:

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import nn
 
-from qwt_core import QuantizedModel, calibrate_repq, compensate
+from qwt_core import QuantizedModel, calibrate, compensate
 from qwt_core.cli_options import qwt_overrides
 from qwt_core.adapters.open_clip import ZeroShotHead, quantize_open_clip_text, quantize_open_clip_visual
 
@@ -55,7 +55,7 @@ def _quantize_tower(qm: QuantizedModel, encode: Callable[[torch.Tensor], torch.T
                     fp_embeddings: Optional[torch.Tensor]) -> dict[str, Any]:
     """RepQ-ViT on ``repq`` (one batch), then QwT over this rank's ``batches`` if ``cfg.qwerty``."""
     t0 = time.perf_counter()
-    calibrate_repq(qm, repq.to(device), integer_zero_point=cfg.integer_zero_point)
+    calibrate(qm, repq.to(device), integer_zero_point=cfg.integer_zero_point)
     report: dict[str, Any] = {"repq_samples": len(repq), "repq_seconds": time.perf_counter() - t0,
                               "qwt": None}
     if fp_embeddings is not None:

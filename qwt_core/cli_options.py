@@ -11,7 +11,7 @@
 * ``--qwt_ridge R``: ``ridge=R`` on top of the chosen (or the adapter's) gate.
 
 ``--qwt_gate insample`` (no ridge) is the papers' rule. ``--qwt_ridge auto`` needs the holdout gate.
-``--qwt_solver {auto,eigh,cholesky}`` (default None = ``auto``: Cholesky on CUDA, eigh elsewhere) picks
+``--qwt_solver {auto,eigh,cholesky}`` (default None = ``auto`` = eigh) picks
 the least-squares factorisation; both give the same fit (see :mod:`qwt_core.compensation`).
 """
 from __future__ import annotations
@@ -64,7 +64,7 @@ def add_solver_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--qwt_solver", "--qwt-solver", dest="qwt_solver", choices=list(SOLVERS), default=None,
                         help="QwT least-squares factorisation: eigh, cholesky (batched factorisations and "
                              "GEMMs, no eigendecomposition; used only where it provably gives eigh's fit) "
-                             "or auto (default: cholesky on CUDA, eigh elsewhere)")
+                             "or auto (default: eigh)")
 
 
 def qwt_overrides(gate: Optional[str], ridge: Union[float, str, None],
@@ -93,16 +93,9 @@ def qwt_overrides(gate: Optional[str], ridge: Union[float, str, None],
 
 
 def add_speed_arguments(parser: argparse.ArgumentParser, compile_model: bool = False) -> None:
-    """Add ``--fused_fake_quant`` (dest ``fused_fake_quant``, default False) and ``--cpu_heap``
-    (dest ``cpu_heap``, ``retain`` or ``system``, default ``retain``); with ``compile_model`` also
+    """Add ``--fused_fake_quant`` (dest ``fused_fake_quant``, default False); with ``compile_model`` also
     ``--compile_model`` (dest ``compile_model``, default False: evaluate through
     :func:`compiled_for_eval`) for the command lines that honour it."""
-    parser.add_argument("--cpu_heap", "--cpu-heap", dest="cpu_heap", choices=["retain", "system"],
-                        default="retain",
-                        help="CPU runs: 'retain' (default) keeps freed memory in the process heap (glibc "
-                             "mallopt), so activations are not page-faulted afresh on every forward "
-                             "(10-40%% faster on CPU; resident memory stays at its peak); 'system' leaves "
-                             "malloc as it is. See qwt_core/cpu_heap.py")
     parser.add_argument("--fused_fake_quant", "--fused-fake-quant", dest="fused_fake_quant",
                         action="store_true",
                         help="fake quantization through torch.compile-fused kernels (same values; faster "
@@ -120,14 +113,10 @@ def add_speed_arguments(parser: argparse.ArgumentParser, compile_model: bool = F
 
 def apply_speed_arguments(args: argparse.Namespace, device: Optional[str] = None) -> bool:
     """Switch fused fake quantization on if ``args.fused_fake_quant``; returns the setting.
-    On a CPU run with ``args.cpu_heap == "retain"`` also keep freed memory in the heap
-    (:func:`qwt_core.cpu_heap.retain_cpu_heap`); where the C library cannot (not glibc) one line says
-    so and malloc stays as it is.
 
     Raises ``SystemExit`` with one line, before anything runs, when inductor would need a C++
     compiler that is not on ``PATH`` (a CPU run): torch.compile would otherwise fail mid-run.
     """
-    from .cpu_heap import retain_cpu_heap
     from .quantizers import set_fused_fake_quant
 
     on = bool(getattr(args, "fused_fake_quant", False))
@@ -138,11 +127,6 @@ def apply_speed_arguments(args: argparse.Namespace, device: Optional[str] = None
         if not any(shutil.which(c) for c in (cxx, "g++", "c++", "clang++")):
             raise SystemExit(f"error: --{compiling[0]} compiles CPU kernels with torch.compile, which needs a "
                              "C++ compiler (g++ or clang++) on PATH: install one or drop the flag")
-    if cpu and getattr(args, "cpu_heap", "system") == "retain":
-        try:
-            retain_cpu_heap()
-        except RuntimeError as e:
-            print(f"note: {e}; continuing with the system allocator", flush=True)
     set_fused_fake_quant(on)
     return on
 
@@ -157,3 +141,8 @@ def compiled_for_eval(model: nn.Module, enabled: bool = True) -> nn.Module:
     import torch
 
     return torch.compile(model, dynamic=False) if enabled else model
+
+
+def malloc_tunables() -> str | None:
+    """The process's ``GLIBC_TUNABLES`` (how the launcher tuned the C allocator), for the JSON."""
+    return os.environ.get("GLIBC_TUNABLES")

@@ -337,11 +337,9 @@ class _SplitSystem:
 
 def _resolve_solver(solver: str, device: torch.device) -> str:
     if solver not in get_args(Solver):
-        raise ValueError(f"solver={solver!r}: use 'auto' (Cholesky on CUDA, eigh elsewhere), 'eigh' or "
-                         "'cholesky'")
-    if solver == "auto":
-        return "cholesky" if device.type == "cuda" else "eigh"
-    return solver
+        raise ValueError(f"solver={solver!r}: use 'auto' (eigh), 'eigh' or 'cholesky'")
+    # 'auto' stays eigh on every device until the Cholesky path has been timed on a GPU
+    return "eigh" if solver == "auto" else solver
 
 
 def rank_deficiency(ata: torch.Tensor, null_rtol: float = NULL_RTOL) -> int:
@@ -433,7 +431,7 @@ class _LeastSquares:
         reported when there are held-out rows). gate ``"holdout"``: λ from ``grid`` (``ridge="auto"`` or
         None) or fixed (a float), chosen and judged on the held-out rows, refit on all rows.
         ``solver``: ``"eigh"``, ``"cholesky"`` (the same solutions, taken only when proved to be:
-        see the module docstring) or ``"auto"`` (Cholesky for moments on CUDA, eigh elsewhere).
+        see the module docstring) or ``"auto"`` (eigh).
         """
         _check_gate_args(gate, ridge)
         every, fit_s, val = self._stats((0, 1)), self._stats((0,)), self._stats((1,))

@@ -56,6 +56,7 @@ from torch import nn
 
 from .attention import QuantViTAttention, QuantWindowAttention, mask_scores
 from .compensation import CompensatedBlock
+from .config import ExportConfig
 from .modules import QuantConv2d, QuantLayerMixin, QuantLinear, QuantMatMul
 from .quantizers import (LogSqrt2Quantizer, UniformQuantizer, _LazyQuantizer, log_sqrt2_fake_quant)
 
@@ -166,7 +167,7 @@ def act_spec(name: str, quant: _LazyQuantizer, round_zero_points: bool) -> ActSp
                           "only uniform quantizers export as QuantizeLinear")
     if not quant.is_inited:
         raise ExportError(f"{name}: activation quantizer is not calibrated; run the RepQ-ViT "
-                          "calibration (qwt_core.calibrate_repq) before exporting")
+                          "calibration (qwt_core.calibrate) before exporting")
     if quant.delta.numel() != 1:
         raise ExportError(f"{name}: activation quantizer is per channel ({quant.delta.numel()} scales); "
                           "finish the RepQ-ViT calibration (LayerNorm reparameterization) so it is "
@@ -208,7 +209,7 @@ def weight_ints(name: str, weight: torch.Tensor, quant: _LazyQuantizer
                           "only uniform weight quantizers have an integer form")
     if not quant.is_inited:
         raise ExportError(f"{name}: weight quantizer is not calibrated; run the calibration "
-                          "(qwt_core.calibrate_repq) before exporting")
+                          "(qwt_core.calibrate) before exporting")
     c_out = weight.shape[0]
     delta, zero = quant.delta.detach().float(), quant.zero_point.detach().float()
     if delta.numel() not in (1, c_out) or (quant.channel_wise and quant.channel_dim not in (0, -weight.dim())):
@@ -668,7 +669,7 @@ def _matmul_operand(name: str, layer: QuantMatMul, quant: _LazyQuantizer, round_
     if isinstance(quant, LogSqrt2Quantizer):
         if not quant.is_inited:
             raise ExportError(f"{name}: log-√2 quantizer is not calibrated; run the RepQ-ViT calibration "
-                              "(qwt_core.calibrate_repq) before exporting")
+                              "(qwt_core.calibrate) before exporting")
         return _LogSqrt2(quant), None
     spec = act_spec(name, quant, round_zp)
     return _ActQDQ(spec), spec
@@ -979,25 +980,23 @@ def _atomic_save(model_proto, path: str) -> int:
     return len(data)
 
 
-def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str, *,
-                compensation: Compensation = "fp32", calib_images: Optional[torch.Tensor] = None,
-                round_zero_points: bool = False, weight_dtype: WeightDtype = "auto",
-                dynamic_batch: bool = True, check: bool = True, threads: int = 2) -> ExportReport:
+def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str,
+                config: Optional[ExportConfig] = None, *, calib_images: Optional[torch.Tensor] = None,
+                **changes: Any) -> ExportReport:
     """Export a calibrated (and optionally QwT-compensated) fake-quant model to an ONNX QDQ file.
 
     Args:
         model: the fake-quant model (``QuantizedModel.model``), calibrated; not modified.
         example_input: images ``(B, 3, H, W)`` fixing the input shape (the batch dim stays dynamic).
         path: the ``.onnx`` file, written atomically (nothing is written on any error).
-        compensation: ``"fp32"``: QwT compensation Linears stay fp32; ``"int8"``: they become W8A8
-            QDQ Linears calibrated on ``calib_images`` (see :func:`quantize_compensations`).
+        config: an :class:`~qwt_core.ExportConfig` (default ``ExportConfig()``): ``compensation``
+            (``"fp32"``: QwT compensation Linears stay fp32; ``"int8"``: W8A8 QDQ Linears calibrated
+            on ``calib_images``, see :func:`quantize_compensations`), ``round_zero_points`` (round
+            fractional activation zero points instead of refusing), ``weight_dtype`` (``"auto"``,
+            exact on any x86 CPU, or ``"int8"``), ``dynamic_batch``, ``check`` (run
+            :func:`integer_op_report` on the written file: ``report.ort``), ``threads``.
         calib_images: images ``(B, 3, H, W)`` for ``compensation="int8"``.
-        round_zero_points: round fractional activation zero points (RepQ-ViT's reparameterized
-            LayerNorm inputs without ``integer_zero_point``) instead of refusing.
-        weight_dtype: ``"auto"`` (exact on any x86 CPU, see the module docstring) or ``"int8"``.
-        dynamic_batch: batch dim symbolic in the graph (one file for every batch size).
-        check: run :func:`integer_op_report` on the written file and attach it (``report.ort``).
-        threads: onnxruntime threads for the check.
+        changes: :class:`~qwt_core.ExportConfig` fields applied on top of ``config``.
     Returns:
         :class:`ExportReport` (per layer: integer or float and why; ``report.reference`` is the
         fake-quant module the graph reproduces, for :func:`compare_onnx`).
@@ -1006,8 +1005,14 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str, *,
             unrepresentable grid, unsupported layer) before anything is written.
     """
     t0 = time.perf_counter()
-    if compensation not in ("fp32", "int8"):
-        raise ExportError(f"compensation={compensation!r}: use 'fp32' or 'int8'")
+    config = config if config is not None else ExportConfig()
+    try:
+        config = config.replace(**changes) if changes else config
+    except (TypeError, ValueError) as exc:
+        raise ExportError(str(exc).splitlines()[0]) from None
+    compensation, weight_dtype = config.compensation, config.weight_dtype
+    round_zero_points, dynamic_batch = config.round_zero_points, config.dynamic_batch
+    check, threads = config.check, config.threads
     if not isinstance(example_input, torch.Tensor) or example_input.dim() < 2:
         raise ExportError("example_input must be a batch tensor, e.g. images (B, 3, H, W)")
     try:

@@ -20,11 +20,7 @@ Speed (same numbers as the straightforward code, checked bit for bit in the test
 * a calibrated quantizer's forward reads no tensor on the host (``is_inited`` is a Python flag
   mirroring the ``inited`` buffer), so it never synchronises a GPU;
 * :func:`set_fused_fake_quant` (off by default) runs the fake quantization through
-  ``torch.compile``-fused kernels (one memory pass instead of 4-10);
-* on CPU the fused log-√2 kernel, and the log-√2 quantizers of a ``torch.compile``-d model, need
-  no ``log2``/``exp2``: :func:`log_sqrt2_grid` reads off, once, where this CPU's
-  ``round(-2·log2(r))`` steps in each binade, and the index then comes from integer compares on
-  the bits of ``r = x/Δ`` (same values; ~2.7x faster kernel).
+  ``torch.compile``-fused kernels (one memory pass instead of 4-10).
 """
 from __future__ import annotations
 
@@ -364,8 +360,7 @@ class _FusedFakeQuant:
     cache), which dominates short runs. The uniform quantizer's fused kernel uses the same IEEE
     operations (division, round-half-even, clamp, multiplication) and is bit-identical to the eager
     path; the log-√2 kernel evaluates ``log2``/``exp2`` with the same vectorised routines as eager
-    PyTorch, or on CPU its integer form (:func:`log_sqrt2_grid`; both checked equal in
-    ``tests/test_speed_equivalence.py``). During calibration the
+    PyTorch (checked equal in ``tests/test_speed_equivalence.py``). During calibration the
     candidate errors use a fused ``(fq(x) - x)²`` kernel followed by the same eager ``mean``, so
     the chosen (Δ, z) are unchanged. Turn on with :func:`set_fused_fake_quant` or
     ``QWT_FUSED_FAKE_QUANT=1``.
@@ -373,7 +368,6 @@ class _FusedFakeQuant:
 
     enabled: bool = os.environ.get("QWT_FUSED_FAKE_QUANT", "0") == "1"
     _fns: dict[str, Callable] = {}
-    _grid_fns: dict[tuple[str, int], Callable] = {}
     #: graphs per fused kernel (input layouts); dynamo's default of 8 is too few for Swin-T
     RECOMPILE_LIMIT: int = 64
 
@@ -390,35 +384,13 @@ class _FusedFakeQuant:
 
     @classmethod
     def get(cls, name: str) -> Callable:
-        """The fused kernel ``name`` (``uniform``, ``log2`` and their ``_sq_err`` forms). The log-√2
-        ones take ``(x, delta, n_bits)`` and, on float32 CPU tensors with a :func:`log_sqrt2_grid`
-        for ``n_bits``, run the integer form (:func:`_log_sqrt2_grid_pure`; same values)."""
+        """The fused kernel ``name`` (``uniform``, ``log2`` and their ``_sq_err`` forms)."""
         fn = cls._fns.get(name)
         if fn is None:
             base = {"uniform": _uniform_fake_quant_pure, "log2": _log_sqrt2_fake_quant_pure,
                     "uniform_sq_err": _uniform_sq_err_pure, "log2_sq_err": _log_sqrt2_sq_err_pure}[name]
             fn = cls._limited(torch.compile(base, dynamic=True))
-            if name.startswith("log2"):
-                fn = cls._log_dispatch(name, fn)
             cls._fns[name] = fn
-        return fn
-
-    @classmethod
-    def _log_dispatch(cls, name: str, generic: Callable) -> Callable:
-        def fn(x: torch.Tensor, delta: torch.Tensor, n_bits: int) -> torch.Tensor:
-            grid = (log_sqrt2_grid(n_bits) if x.device.type == "cpu" and x.dtype == torch.float32
-                    and delta.dtype == torch.float32 else None)
-            if grid is None:
-                return generic(x, delta, n_bits)
-            kernel = cls._grid_fns.get((name, n_bits))
-            if kernel is None:  # the grid's thresholds are constants of this kernel
-                pure = _log_sqrt2_grid_sq_err_pure if name.endswith("sq_err") else _log_sqrt2_grid_pure
-
-                def bound(xp: torch.Tensor, d: torch.Tensor, _b: int = n_bits, _g=grid) -> torch.Tensor:
-                    return pure(xp, d, _b, _g)
-
-                kernel = cls._grid_fns[(name, n_bits)] = cls._limited(torch.compile(bound, dynamic=True))
-            return kernel(x, delta)
         return fn
 
 
@@ -727,124 +699,6 @@ def _log_sqrt2_sq_err_pure(x: torch.Tensor, delta: torch.Tensor, n_bits: int) ->
     return (_log_sqrt2_fake_quant_pure(x, delta, n_bits) - x).pow(2)
 
 
-#: A :func:`log_sqrt2_grid`: ``(e_lo, runs_a, runs_b, c)``.
-LogSqrt2Grid = tuple[int, tuple[tuple[int, int], ...], tuple[tuple[int, int], ...], float]
-_LOG_GRIDS: dict[int, Optional[LogSqrt2Grid]] = {}
-
-
-#: Half-width, in mantissa ulps, of the window around each step of :func:`log_sqrt2_grid` that is
-#: evaluated value by value (0.8 % of the binade: log2 would have to be off by thousands of ulps
-#: to step outside it).
-_LOG_GRID_WINDOW = 1 << 16
-
-
-def log_sqrt2_grid(n_bits: int) -> Optional[LogSqrt2Grid]:
-    """Where this CPU's ``round(-2·log2(r))`` steps, binade by binade, for float32 ``r = x/Δ``; None
-    where that cannot be shown (then the fused kernels keep ``log2``/``exp2``). Cached per bit width.
-
-    For ``r`` in the binade ``[2^e, 2^(e+1))`` the log-√2 index is ``-2e``, ``-2e-1`` or ``-2e-2``;
-    mathematically it steps at the mantissas of ``2^(1/4)`` and ``2^(3/4)``, but the computed steps
-    move by a few ulps with ``e`` (``log2`` rounds to the float32 grid of its result), so they are
-    read off the vectorised ``log2`` that the eager and fused kernels use. For every binade in
-    ``[e_lo, 0]`` (``e_lo = -(2^(b-1)+1)``: below it everything is dropped, from 1 up the value is Δ),
-    every float32 within ``_LOG_GRID_WINDOW`` ulps of each exact step is evaluated: the index must
-    be non-increasing there and go from one value to the next exactly once; further from the steps
-    a ``log2`` accurate to 1 ulp (ATen's SLEEF ``u10`` routines) cannot round across them, and 4096
-    values per binade spread over the rest confirm it. The index then equals
-    ``-2e - [m ≥ A_e] - [m ≥ B_e]`` on the 23 mantissa bits ``m``; ``runs_a``/``runs_b`` hold
-    ``(first e, A_e)`` / ``(first e, B_e)`` for each run of equal steps (a handful). ``2^(-q/2)`` must
-    equal ``2^-(q>>1)`` (an exponent field), times ``c = exp2(-1/2)`` for odd ``q``, for every
-    ``q < 2^b``. Cost: about 10-60 ms once per process and bit width. 8 bits (denormal binades): None.
-    """
-    if n_bits in _LOG_GRIDS:
-        return _LOG_GRIDS[n_bits]
-    grid: Optional[LogSqrt2Grid] = None
-    if n_bits in _LOG_FLOOR:
-        e_lo = -(2 ** (n_bits - 1) + 1)
-        es = torch.arange(e_lo, 1, dtype=torch.int32)
-        top = -2 * es.unsqueeze(1)  # the index at the bottom of each binade
-
-        def bits_of(mantissas: torch.Tensor) -> torch.Tensor:
-            """int32 bits of the given mantissas in every binade (rows)."""
-            return ((es + 127) << 23).unsqueeze(1) + mantissas.to(torch.int32)
-
-        def index(bits: torch.Tensor) -> torch.Tensor:
-            """``round(-2·log2(r))`` of the float32 ``r`` with these bits, vectorised."""
-            return torch.log2(bits.view(torch.float32)).mul_(-2.0).round_().to(torch.int32)
-
-        def runs(values: list[int]) -> tuple[tuple[int, int], ...]:
-            return tuple((e_lo + i, v) for i, v in enumerate(values) if i == 0 or v != values[i - 1])
-
-        steps, ok = [], True
-        with torch.no_grad():
-            for k, frac in ((1, 0.25), (2, 0.75)):
-                centre = round((2.0 ** frac - 1.0) * (1 << 23))
-                q = index(bits_of(torch.arange(centre - _LOG_GRID_WINDOW, centre + _LOG_GRID_WINDOW)))
-                ok = ok and bool((q[:, 1:] <= q[:, :-1]).all() and (q[:, 0] == top[:, 0] - k + 1).all()
-                                 and (q[:, -1] == top[:, 0] - k).all())
-                steps.append((centre - _LOG_GRID_WINDOW + (q > top - k).sum(1)).tolist())
-            k = torch.arange(max(64, 2 ** n_bits), dtype=torch.float32)
-            ref = torch.exp2(k * -0.5)
-            candidate = (e_lo, runs(steps[0]), runs(steps[1]), float(ref[1]))
-            # the kernel's own index and 2^(-q/2) code, on the spread and on every q < 2^b
-            spread = bits_of(torch.randint(0, 1 << 23, (4096,), generator=torch.Generator().manual_seed(0)))
-            ok = ok and torch.equal(_log_sqrt2_index(spread, candidate), index(spread))
-            ours = _half_power(k.to(torch.int32), candidate[3])
-            ok = ok and torch.equal(ours[:2 ** n_bits].view(torch.int32), ref[:2 ** n_bits].view(torch.int32))
-        if ok:
-            grid = candidate
-    _LOG_GRIDS[n_bits] = grid
-    return grid
-
-
-#: :func:`log_sqrt2_grid` as a constant of a traced graph (run eagerly by dynamo, not traced).
-_constant_log_sqrt2_grid = torch.compiler.assume_constant_result(log_sqrt2_grid)
-
-
-def _piecewise(e: torch.Tensor, runs: tuple[tuple[int, int], ...]) -> torch.Tensor:
-    """The int32 value of ``runs`` (``(first e, value)``, ascending) at every ``e``."""
-    out = torch.full_like(e, runs[0][1])
-    for start, value in runs[1:]:
-        out = torch.where(e >= start, value, out)
-    return out
-
-
-def _log_sqrt2_index(bits: torch.Tensor, grid: LogSqrt2Grid) -> torch.Tensor:
-    """int32 ``round(-2·log2 r)`` from the int32 ``bits`` of float32 ``r`` by a :func:`log_sqrt2_grid`:
-    exact in the binades ``[e_lo, 0]``; below them (negatives too: the sign bit) at least ``2^b``
-    (dropped), above them at most 0 (the value Δ)."""
-    e_lo, runs_a, runs_b, _ = grid
-    e = torch.clamp((bits >> 23) - 127, e_lo, 0)
-    m = bits & 0x7FFFFF
-    return (-2 * e - (m >= _piecewise(e, runs_a)).to(torch.int32)
-            - (m >= _piecewise(e, runs_b)).to(torch.int32))
-
-
-def _half_power(q: torch.Tensor, c: float) -> torch.Tensor:
-    """float32 ``2^(-q/2)`` of int32 ``0 <= q < 254``: the exponent field of ``2^-(q>>1)``, times
-    ``c = exp2(-1/2)`` for odd ``q`` (:func:`log_sqrt2_grid` checks it equals ``exp2``)."""
-    return ((127 - (q >> 1)) << 23).view(torch.float32) * torch.where((q & 1) == 1, c, 1.0)
-
-
-def _log_sqrt2_grid_pure(x: torch.Tensor, delta: torch.Tensor, n_bits: int,
-                         grid: LogSqrt2Grid) -> torch.Tensor:
-    """:func:`log_sqrt2_fake_quant` of float32 ``x`` (b ≤ 7) from the bits of ``x/Δ`` and a
-    :func:`log_sqrt2_grid`: integer compares instead of ``log2`` and an exponent field instead of
-    ``exp2``, for ``torch.compile`` on CPU (the same values: NaN → NaN, negatives and zeros → 0,
-    +inf → Δ). The fused kernel is about 2.7x faster than the one with ``log2``/``exp2``, which are
-    most of its time on CPU."""
-    r = x / delta
-    q = _log_sqrt2_index(r.view(torch.int32), grid).clamp(0, 2 ** n_bits)
-    value = _half_power(q, grid[3]) * delta
-    return torch.where(r != r, r, torch.where(q >= 2 ** n_bits, 0.0, value))
-
-
-def _log_sqrt2_grid_sq_err_pure(x: torch.Tensor, delta: torch.Tensor, n_bits: int,
-                                grid: LogSqrt2Grid) -> torch.Tensor:
-    """``(x̂ - x)²`` of :func:`_log_sqrt2_grid_pure`, for ``torch.compile``."""
-    return (_log_sqrt2_grid_pure(x, delta, n_bits, grid) - x).pow(2)
-
-
 class LogSqrt2Quantizer(_LazyQuantizer):
     """Log-√2 quantizer (RepQ-ViT) for post-softmax attention; Δ = quantile(x, p) chosen by MSE."""
 
@@ -857,13 +711,6 @@ class LogSqrt2Quantizer(_LazyQuantizer):
         return f"n_bits={self.n_bits}"
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        if (torch.compiler.is_compiling() and x.device.type == "cpu"
-                and x.dtype == self.delta.dtype == torch.float32):
-            # torch.compile of the model: the integer form where this CPU's grid is known (the
-            # grid is computed eagerly, once, and is a constant of the traced graph)
-            grid = _constant_log_sqrt2_grid(self.n_bits)
-            if grid is not None:
-                return _log_sqrt2_grid_pure(x, self.delta, self.n_bits, grid)
         layout = _fused_layout(x, self.delta) if _FusedFakeQuant.enabled else None
         if layout is not None:
             return _FusedFakeQuant.get("log2")(layout[0], self.delta.view(layout[1]),

@@ -108,10 +108,13 @@ class QwTReport:
     ridge: Union[str, float, None] = None
     form: str = "token"
     solver: str = "auto"
+    #: the :class:`~qwt_core.QwTConfig` used, as a dict (set by :func:`qwt_core.compensate`)
+    config: Optional[dict[str, Any]] = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"seconds": self.seconds, "gate": self.gate, "ridge": self.ridge, "form": self.form,
-                "solver": self.solver, "blocks": [_finite_or_none(asdict(b)) for b in self.blocks]}
+                "solver": self.solver, "config": self.config,
+                "blocks": [_finite_or_none(asdict(b)) for b in self.blocks]}
 
     def format_table(self) -> str:
         def num(v, fmt):
@@ -285,8 +288,8 @@ def apply_qwt(model: nn.Module, block_names: Sequence[str], calib_batches: Itera
             system serves the whole λ grid), ``"cholesky"`` (one batched Cholesky per λ, triangular
             solves and GEMMs: no eigen-decomposition, which is slow on GPUs at these sizes; taken only
             where the covariance is certified full rank, so that it gives eigh's solution, else eigh)
-            or ``"auto"`` (default: Cholesky when the model is on CUDA, eigh elsewhere, where it is
-            the faster). The block report says which ran.
+            or ``"auto"`` (default: eigh on every device, until Cholesky has been timed on a GPU).
+            The block report says which ran.
     Returns:
         A :class:`QwTReport`.
     Raises:
@@ -355,6 +358,9 @@ def apply_qwt(model: nn.Module, block_names: Sequence[str], calib_batches: Itera
         for x, m, kw, hv in zip(xs, masks, kwargs_list, flags):
             x_dev = x.to(device)
             y_q = run(i, block, x_dev, **kw) if kw else run(i, block, x_dev)
+            if not isinstance(y_q, torch.Tensor):
+                raise TypeError(f"QwT block {i} ({names[i]!r}) returned a {type(y_q).__name__}, not a Tensor: "
+                                "give a run_block that returns the block's output tensor (e.g. out[0])")
             if compensate:
                 with quant_disabled(block):
                     y_fp = run(i, block, x_dev, **kw) if kw else run(i, block, x_dev)

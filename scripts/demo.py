@@ -271,8 +271,8 @@ def deploy_demo(seed: int, folder: str = OUT, setting: str = DEPLOY_SETTING,
         g = torch.Generator().manual_seed(seed)
         calib = x_train[torch.randperm(len(x_train), generator=g)[:CALIB_SIZE]]
         t0 = time.perf_counter()
-        qm = qwt_core.quantize_timm_vit(copy.deepcopy(fp), w, a)
-        qwt_core.calibrate_repq(qm, calib[:REPQ_CALIB_SIZE], integer_zero_point=True)
+        qm = qwt_core.adapters.quantize_timm_vit(copy.deepcopy(fp), w, a)
+        qwt_core.calibrate(qm, calib[:REPQ_CALIB_SIZE], integer_zero_point=True)
         report = qwt_core.compensate(qm, list(calib.split(128)), progress=False)
         onnx_dir = os.path.join(folder, "onnx")
         int8_path = os.path.join(onnx_dir, f"deit_digits_seed{seed}_{setting.lower()}_qwt.onnx")

@@ -58,7 +58,8 @@ def block_errors_with_and_without_qwt(qm, model: nn.Module, batches) -> tuple[fl
 
     ``qm``: a QuantizedModel after ``compensate``; ``batches``: what ``qm.first_block_input`` takes
     (a tensor, or a dict with ``"inputs"``)."""
-    from qwt_core import CompensatedBlock, quant_disabled
+    from qwt_core import quant_disabled
+    from qwt_core.compensation import CompensatedBlock
 
     err_q = err_c = 0.0
     for b in batches:

@@ -23,8 +23,10 @@ from mm_clip.main import main, prepare
 from mm_clip.models import canonical_model_name, load_clip, register_model_config, resolve_pretrained
 from mm_clip.wds_calib import draw_samples, expand_shards, index_shards, sample_calibration_pairs
 from mm_clip.zeroshot import evaluate_zero_shot
-from qwt_core import (CompensatedBlock, QuantConv2d, QuantLinear, UniformQuantizer, calibrate_repq,
-                      set_quant_state)
+from qwt_core import calibrate
+from qwt_core.compensation import CompensatedBlock
+from qwt_core.modules import QuantConv2d, QuantLinear, set_quant_state
+from qwt_core.quantizers import UniformQuantizer
 from qwt_core import compensate as qwt_compensate
 from qwt_core.adapters.open_clip import (OpenCLIPSelfAttention, ZeroShotHead, quantize_open_clip_text,
                                          quantize_open_clip_visual, quantize_zero_shot_head, swap_attention)
@@ -455,7 +457,7 @@ def test_quantized_classifier_is_calibrated_by_the_repq_batch(clip_data):
         first_pass = copy.deepcopy(qm.model)  # the state the first RepQ-ViT forward sees
         set_quant_state(first_pass, True, True)
         first_pass(images)
-        calibrate_repq(qm, images)
+        calibrate(qm, images)
         fc = head.fc
         assert fc.input_quantizer.is_inited and fc.weight_quantizer.is_inited
         assert fc.input_quantizer.delta.numel() == 1  # per tensor
@@ -496,7 +498,7 @@ def test_visual_block0_null_direction_gets_no_weight(clip_data):
     for label, kwargs in (("default", {}), ("papers", {"gate": "insample", "ridge": 0.0})):
         model = copy.deepcopy(base)
         qm = quantize_open_clip_visual(model.visual, 4, 4)
-        calibrate_repq(qm, images[:32])
+        calibrate(qm, images[:32])
         report = qwt_compensate(qm, list(images.split(32)), progress=False, **kwargs)
         block = model.visual.transformer.resblocks[0]
         assert report.blocks[0].rank_deficiency == 1 and isinstance(block, CompensatedBlock)

@@ -26,9 +26,9 @@ from tests.helpers_models import (block_errors_with_and_without_qwt, images, lea
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-ADAPTERS = {"vit": (tiny_vit, qwt_core.quantize_timm_vit, 32),
-            "swin": (tiny_swin, qwt_core.quantize_timm_swin, 56),
-            "resnet": (tiny_resnet, qwt_core.quantize_resnet, 32)}
+ADAPTERS = {"vit": (tiny_vit, qwt_core.adapters.quantize_timm_vit, 32),
+            "swin": (tiny_swin, qwt_core.adapters.quantize_timm_swin, 56),
+            "resnet": (tiny_resnet, qwt_core.adapters.quantize_resnet, 32)}
 CUDA = torch.device("cuda")
 
 
@@ -48,7 +48,7 @@ def _compensated_on_cuda(kind: str):
     torch.manual_seed(0)
     qm = adapter(make().to(CUDA), 4, 4)
     x = images(4, size, seed=3).to(CUDA)
-    qwt_core.calibrate_repq(qm, x)
+    qwt_core.calibrate(qm, x)
     qwt_core.compensate(qm, [x[:2], x[2:]], progress=False)
     return qm, x
 
@@ -107,7 +107,7 @@ def test_cpu_quantized_model_runs_the_same_on_cuda(kind, no_tf32):
     GPU does): the same outputs up to float rounding, which moves at most a few values across a
     rounding boundary (far less than the quantization error)."""
     fp, qm, x, batches = _calibrated_pair_inputs(kind)
-    qwt_core.calibrate_repq(qm, x)
+    qwt_core.calibrate(qm, x)
     qwt_core.compensate(qm, batches, progress=False)
     on_cuda = copy.deepcopy(qm.model).to(CUDA)
     with torch.no_grad():
@@ -125,8 +125,8 @@ def test_cuda_calibration_and_qwt_match_cpu_quality(kind, no_tf32):
     these models.) QwT on CUDA lowers the block errors."""
     fp, qm_cpu, x, batches = _calibrated_pair_inputs(kind)
     qm_cuda = ADAPTERS[kind][1](copy.deepcopy(fp).to(CUDA), 4, 4)
-    qwt_core.calibrate_repq(qm_cpu, x)
-    qwt_core.calibrate_repq(qm_cuda, x.to(CUDA))
+    qwt_core.calibrate(qm_cpu, x)
+    qwt_core.calibrate(qm_cuda, x.to(CUDA))
     with torch.no_grad():
         y_fp = fp(x)
         err_cpu = float((qm_cpu.model(x) - y_fp).norm())
@@ -158,15 +158,15 @@ def test_cuda_qwt_moments_stay_on_device_in_float64(kind, monkeypatch):
 @pytest.mark.parametrize("gate", ["holdout", "insample"])
 @pytest.mark.parametrize("groups", [1, 4])
 def test_cuda_qwt_solve_is_cholesky_with_the_cpu_eigh_fit(groups, gate):
-    """On CUDA the default solver is the Cholesky path (batched factorisations and GEMMs, no
-    ``eigh``), and it gives the CPU eigh fit; a covariance with a null direction falls back to eigh."""
+    """On CUDA the Cholesky path (batched factorisations and GEMMs, no ``eigh``) gives the CPU eigh
+    fit; a covariance with a null direction falls back to eigh."""
     ref = least_squares_fitter(groups, "full").fit(gate=gate, solver="eigh")
-    got = least_squares_fitter(groups, "full", device="cuda").fit(gate=gate)
+    got = least_squares_fitter(groups, "full", device="cuda").fit(gate=gate, solver="cholesky")
     assert got.solver == "cholesky" and got.theta.device.type == "cuda"
     assert (got.applied, got.ridge_rel, got.rank_deficiency) == (ref.applied, ref.ridge_rel, 0)
     assert float((got.theta.cpu() - ref.theta).abs().max()) < 1e-9 * float(ref.theta.abs().max())
     assert got.r2 == pytest.approx(ref.r2, rel=1e-9, abs=1e-12)
-    null = least_squares_fitter(groups, "null", device="cuda").fit(gate=gate)
+    null = least_squares_fitter(groups, "null", device="cuda").fit(gate=gate, solver="cholesky")
     null_ref = least_squares_fitter(groups, "null").fit(gate=gate, solver="eigh")
     # with groups: eigenvalues (eigh solve / rank count) of the uncertified group only
     assert null.solver == ("mixed" if groups > 1 else "eigh")
@@ -176,7 +176,7 @@ def test_cuda_qwt_solve_is_cholesky_with_the_cpu_eigh_fit(groups, gate):
 
 
 def test_cuda_qwt_of_a_vit_runs_no_eigendecomposition(monkeypatch):
-    """``compensate`` on CUDA (default solver): every block of a calibrated ViT is solved by the
+    """``compensate`` on CUDA with ``solver="cholesky"``: every block of a calibrated ViT is solved by the
     Cholesky path, and ``torch.linalg.eigh``/``eigvalsh`` are never called."""
     calls = []
     for name in ("eigh", "eigvalsh"):
@@ -188,10 +188,10 @@ def test_cuda_qwt_of_a_vit_runs_no_eigendecomposition(monkeypatch):
 
         monkeypatch.setattr(torch.linalg, name, counting)
     torch.manual_seed(0)
-    qm = qwt_core.quantize_timm_vit(tiny_vit().to(CUDA), 4, 4)
+    qm = qwt_core.adapters.quantize_timm_vit(tiny_vit().to(CUDA), 4, 4)
     x = images(8, 32, seed=3).to(CUDA)
-    qwt_core.calibrate_repq(qm, x)
-    report = qwt_core.compensate(qm, [x[:4], x[4:]], progress=False)
+    qwt_core.calibrate(qm, x)
+    report = qwt_core.compensate(qm, [x[:4], x[4:]], progress=False, solver="cholesky")
     assert {b.solver for b in report.blocks} == {"cholesky"} and not calls, calls
 
 
@@ -207,9 +207,9 @@ def test_cuda_model_exports_the_cpu_onnx(tmp_path):
     from qwt_core import export as qx
 
     torch.manual_seed(0)
-    qm = qwt_core.quantize_timm_vit(tiny_vit(), 8, 8)
+    qm = qwt_core.adapters.quantize_timm_vit(tiny_vit(), 8, 8)
     x = images(16, 32)
-    qwt_core.calibrate_repq(qm, x, integer_zero_point=True)
+    qwt_core.calibrate(qm, x, integer_zero_point=True)
     qwt_core.compensate(qm, [images(16, 32, seed=s) for s in (1, 2)], progress=False, gate="insample")
     on_cuda = copy.deepcopy(qm.model).to(CUDA)
     paths = {k: str(tmp_path / f"{k}.onnx") for k in ("cpu", "cuda", "int8")}

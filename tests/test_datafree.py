@@ -19,7 +19,8 @@ from torch import nn
 
 from cls_helpers import N_CLASSES, TINY, make_image_folder
 from helpers_models import block_errors_with_and_without_qwt, tiny_resnet, tiny_swin, tiny_vit
-from qwt_core import compensate, quantize_timm_vit
+from qwt_core import compensate
+from qwt_core.adapters import quantize_timm_vit
 from qwt_core.attention import QuantViTAttention, QuantWindowAttention
 from qwt_core.inversion import (BNStatsPrior, InversionConfig, PatchSimilarityPrior, explicit_attention,
                                 init_noise, invert, kde_entropy, lr_at, patch_similarity_entropy,
@@ -442,13 +443,13 @@ def test_cls_cli_rejects_bad_synthetic_sets(cls_synth, cls_data, deit_ckpt, tmp_
 def test_qwt_lowers_block_error_on_synthetic_images(cls_synth, deit_ckpt):
     from cls_repq_vit.cli import _parse_kwargs
     from cls_repq_vit.models import get_spec
-    from qwt_core import calibrate_repq
+    from qwt_core import calibrate
 
     spec = get_spec("deit_small")
     model, _ = spec.build(deit_ckpt, pretrained=True, model_kwargs=_parse_kwargs(TINY["deit_small"]))
     s = load_synthetic_set(cls_synth)
     qm = quantize_timm_vit(model, 4, 4)
-    calibrate_repq(qm, s.images(range(8)))
+    calibrate(qm, s.images(range(8)))
     batches = list(s.batches(8))
     compensate(qm, batches, progress=False)
     err_q, err_c = block_errors_with_and_without_qwt(qm, qm.model, batches)

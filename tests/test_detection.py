@@ -28,7 +28,7 @@ from det_repq_vit.data import CalibrationImages, list_calibration_images  # noqa
 from det_repq_vit.ptq import calibrate_detector_repq, compensate_backbone, quantize_detector  # noqa: E402
 from det_repq_vit.tools import test as det_test  # noqa: E402
 from det_repq_vit.tools import convert_checkpoint  # noqa: E402
-from qwt_core import set_quant_state  # noqa: E402
+from qwt_core.modules import set_quant_state  # noqa: E402
 from helpers_models import block_errors_with_and_without_qwt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -325,8 +325,8 @@ def test_qwt_gate_insample_flag_reaches_apply_qwt(tiny_config, legacy_checkpoint
 
 
 def test_fused_fake_quant_flag_gives_the_same_numbers(tiny_config, legacy_checkpoint, tmp_path):
-    """--fused_fake_quant on the detection command line (torch.compile kernels; on CPU the Swin
-    backbone's log-√2 quantizers run their integer form) changes the speed, not the results."""
+    """--fused_fake_quant on the detection command line (torch.compile kernels) changes the speed,
+    not the results."""
     from qwt_core import quantizers as qz
 
     path, _ = legacy_checkpoint

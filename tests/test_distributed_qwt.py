@@ -6,13 +6,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from helpers_models import images, tiny_vit
-from qwt_core import calibrate_repq, compensate, quantize_timm_vit
+from qwt_core import calibrate, compensate
+from qwt_core.adapters import quantize_timm_vit
 
 
 def _quantized_vit():
     torch.manual_seed(0)
     qm = quantize_timm_vit(tiny_vit(), 4, 4)
-    calibrate_repq(qm, images(32, 32, seed=1))
+    calibrate(qm, images(32, 32, seed=1))
     return qm
 
 

@@ -29,13 +29,13 @@ def _tiny_vit() -> nn.Module:
 
 def _calibrated_vit(w_bits=8, a_bits=8, integer_zero_point=True):
     torch.manual_seed(0)
-    qm = qwt_core.quantize_timm_vit(_tiny_vit(), w_bits, a_bits)
-    qwt_core.calibrate_repq(qm, images(16, 32), integer_zero_point=integer_zero_point)
+    qm = qwt_core.adapters.quantize_timm_vit(_tiny_vit(), w_bits, a_bits)
+    qwt_core.calibrate(qm, images(16, 32), integer_zero_point=integer_zero_point)
     return qm
 
 
 def _n_comp(model):
-    return sum(isinstance(m, qwt_core.CompensatedBlock) for m in model.modules())
+    return sum(isinstance(m, qwt_core.compensation.CompensatedBlock) for m in model.modules())
 
 
 def _int_weight(path, layer):
@@ -137,8 +137,8 @@ def resnet_w4(tmp_path_factory):
             m.bias.data = 0.1 * torch.randn(m.num_features, generator=g)
             m.running_mean = 0.1 * torch.randn(m.num_features, generator=g)
             m.running_var = 0.5 + torch.rand(m.num_features, generator=g)
-    qm = qwt_core.quantize_resnet(model, 4, 4, act_mode="reference8")
-    qwt_core.calibrate_repq(qm, images(8, 32))
+    qm = qwt_core.adapters.quantize_resnet(model, 4, 4, act_mode="reference8")
+    qwt_core.calibrate(qm, images(8, 32))
     qwt_core.compensate(qm, [images(16, 32, seed=1)], progress=False)
     path = str(tmp_path_factory.mktemp("onnx") / "resnet.onnx")
     return qm, qx.export_onnx(qm.model, images(2, 32), path), path
@@ -187,12 +187,12 @@ def _no_files_written(directory):
 
 
 def test_uncalibrated_model_refused(tmp_path):
-    qm = qwt_core.quantize_timm_vit(_tiny_vit(), 8, 8)
+    qm = qwt_core.adapters.quantize_timm_vit(_tiny_vit(), 8, 8)
     path = tmp_path / "m.onnx"
     with pytest.raises(qx.ExportError) as exc:
         qx.export_onnx(qm.model, images(2, 32), str(path))
     msg = str(exc.value)
-    assert "not calibrated" in msg and "calibrate_repq" in msg and "\n" not in msg
+    assert "not calibrated" in msg and "qwt_core.calibrate" in msg and "\n" not in msg
     assert msg.split(":")[0] in dict(qm.model.named_modules())  # names the layer
     assert _no_files_written(tmp_path)
 
@@ -218,7 +218,7 @@ def test_fractional_zero_point_needs_flag_and_existing_file_survives(tmp_path):
 
 
 def test_unsupported_layer_and_bad_options(tmp_path, calibrated_vit):
-    class MyQuantLinear(qwt_core.QuantLinear):
+    class MyQuantLinear(qwt_core.modules.QuantLinear):
         pass
 
     qm = copy.deepcopy(calibrated_vit)

@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 from helpers_models import images, tiny_swin, tiny_vit
-from qwt_core import LayerBits, QuantLinear, quantize_layers, quantize_timm_swin, quantize_timm_vit
+from qwt_core import LayerBits, quantize_layers
+from qwt_core.modules import QuantLinear
+from qwt_core.adapters import quantize_timm_swin, quantize_timm_vit
 from qwt_core.calibrate import calibrate, calibration_mask, find_ln_pairs
 from qwt_core.modules import quant_disabled, quantizers
 from qwt_core.pipeline import calibrate_repq

@@ -156,7 +156,7 @@ def test_encoder_adapter_blocks_and_inputs(assets):
     qm = hf.quantize_hf_model(model, 8, 8, source=assets["bert"])
     assert qm.meta["kind"] == "encoder" and qm.ln_pairs == []
     assert qm.block_names == ["encoder.layer.0", "encoder.layer.1"]
-    lin = [n for n, m in model.named_modules() if isinstance(m, qwt_core.QuantLinear)]
+    lin = [n for n, m in model.named_modules() if isinstance(m, qwt_core.modules.QuantLinear)]
     assert len(lin) == 12 and all(n.startswith("encoder.layer.") for n in lin)
     assert not any(getattr(q, "channel_wise", False) for n, q in quantizers(model) if "input" in n)
     with quant_disabled(model):
@@ -194,7 +194,7 @@ def test_kind_errors(assets):
         hf.quantize_hf_model(model, 4, 4, kind="decoder")
     with pytest.raises(ValueError, match="w_bits=9"):
         hf.quantize_hf_model(model, 9, 4)
-    assert not any(isinstance(m, qwt_core.QuantLinear) for m in model.modules())
+    assert not any(isinstance(m, qwt_core.modules.QuantLinear) for m in model.modules())
 
 
 # --------------------------------------------------------------------------- QwT helps, masks

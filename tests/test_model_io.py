@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from helpers_models import images, tiny_resnet, tiny_swin, tiny_vit
-from qwt_core import (CompensatedBlock, calibrate_repq, compensate, load_quantized, quantize_resnet,
-                      quantize_timm_swin, quantize_timm_vit, save_quantized)
+from qwt_core import calibrate, compensate, load_quantized, save_quantized
+from qwt_core.compensation import CompensatedBlock
+from qwt_core.adapters import quantize_resnet, quantize_timm_swin, quantize_timm_vit
 from qwt_core.model_io import state_dict_mismatch
 from qwt_core.repq import uninitialized_quantizers
 
@@ -26,7 +27,7 @@ def test_save_and_reload_roundtrip(tmp_path, family):
     torch.manual_seed(3)
     qm = quantize(build(), 4, 4)
     x = images(16, size)
-    calibrate_repq(qm, x)
+    calibrate(qm, x)
     compensate(qm, [x[:8], x[8:]], progress=False)
     with torch.no_grad():
         expected = qm.model(x)

@@ -30,9 +30,9 @@ def qwt_blocks() -> list[dict]:
     torch.manual_seed(0)
     model = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=3,
                               num_heads=3, num_classes=5).eval()
-    qm = qwt_core.quantize_timm_vit(model, 3, 3)
+    qm = qwt_core.adapters.quantize_timm_vit(model, 3, 3)
     x = torch.randn(24, 3, 32, 32)
-    qwt_core.calibrate_repq(qm, x[:8])
+    qwt_core.calibrate(qm, x[:8])
     report = qwt_core.compensate(qm, [x[:12], x[12:]], progress=False)
     return json.loads(json.dumps(report.to_dict()))["blocks"]
 

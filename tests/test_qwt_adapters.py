@@ -4,8 +4,11 @@ import pytest
 import torch
 
 from helpers_models import images, tiny_resnet, tiny_swin, tiny_vit
-from qwt_core import (CompensatedBlock, apply_qwt, calibrate_repq, compensate, quant_disabled,
-                      quantize_resnet, quantize_timm_swin, quantize_timm_vit, set_quant_state)
+from qwt_core import calibrate, compensate, quant_disabled
+from qwt_core.compensation import CompensatedBlock
+from qwt_core.qwt import apply_qwt
+from qwt_core.adapters import quantize_resnet, quantize_timm_swin, quantize_timm_vit
+from qwt_core.modules import set_quant_state
 
 CASES = {
     "vit": (lambda: tiny_vit(), quantize_timm_vit, 32, {}),
@@ -48,7 +51,7 @@ def test_qwt_reduces_block_and_output_error(case):
     with torch.no_grad():
         fp_logits = model(calib)
     qm = quantize(model, 4, 4, **kwargs)
-    calibrate_repq(qm, calib[:32])
+    calibrate(qm, calib[:32])
     with torch.no_grad():
         q_logits = model(calib)
     batches = [calib[:32], calib[32:]]
@@ -71,7 +74,7 @@ def test_start_block_leaves_early_blocks_alone():
     model = tiny_vit()
     x = images(32, 32)
     qm = quantize_timm_vit(model, 4, 4)
-    calibrate_repq(qm, x)
+    calibrate(qm, x)
     report = compensate(qm, [x], start_block=2, progress=False)
     assert [b.r2 is None for b in report.blocks] == [True, True, False]
     assert not isinstance(model.blocks[0], CompensatedBlock)

@@ -7,8 +7,11 @@ import torch
 from torch import nn
 
 from helpers_models import images, tiny_vit
-from qwt_core import (BlockInput, CompensatedBlock, LayerBits, apply_qwt, calibrate_repq,
-                      compensate, quantize_layers, quantize_timm_vit, set_quant_state)
+from qwt_core import BlockInput, LayerBits, calibrate, compensate, quantize_layers
+from qwt_core.compensation import CompensatedBlock
+from qwt_core.qwt import apply_qwt
+from qwt_core.adapters import quantize_timm_vit
+from qwt_core.modules import set_quant_state
 from qwt_core.compensation import GroupedConvLeastSquares, TokenLeastSquares, solve_normal_equations
 from qwt_core.qwt import _sample_flags
 
@@ -425,20 +428,19 @@ def test_compensate_honours_qwt_kwargs_and_explicit_overrides():
     model = tiny_vit()
     x = images(16, 32, seed=2)
     qm = quantize_timm_vit(model, 4, 4)
-    calibrate_repq(qm, [x[:8], x[8:]])  # a list of tensors is one RepQ batch
-    qm.qwt_kwargs = {"gate": "insample", "start_block": 1}
+    calibrate(qm, [x[:8], x[8:]])  # a list of tensors is one RepQ batch
+    qm.qwt_config = qm.qwt_config.replace(gate="insample", start_block=1)
     rep = compensate(qm, x, progress=False)  # a single tensor is one batch
     assert rep.gate == "insample" and rep.blocks[0].r2 is None and rep.blocks[1].r2 is not None
-    qm.qwt_kwargs = {"gate": "insample", "bogus": 1}
     with pytest.raises(TypeError, match="unknown QwT option"):
-        compensate(qm, x, progress=False)
+        compensate(qm, x, progress=False, bogus=1)
 
 
 def test_compensate_select_and_report_contract():
     model = tiny_vit()
     x = images(32, 32, seed=3)
     qm = quantize_timm_vit(model, 4, 4)
-    calibrate_repq(qm, x)
+    calibrate(qm, x)
     loader = [(x[:16], torch.zeros(16)), (x[16:], torch.zeros(16))]
     rep = compensate(qm, loader, select=lambda b: b[0], progress=False)
     d = rep.to_dict()

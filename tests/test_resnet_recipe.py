@@ -17,9 +17,12 @@ from torch import nn
 from cls_helpers import base_argv, make_image_folder
 from cls_repq_vit import cli
 from helpers_models import images, randomize_batchnorms
-from qwt_core import (CompensatedBlock, UniformQuantizer, calibrate_repq, compensate, load_quantized,
-                      quantize_resnet, save_quantized, set_quant_state)
-from qwt_core.adapters.timm_resnet import PUBLISHED_QWT_KWARGS, fold_all_batchnorms
+from qwt_core import calibrate, compensate, load_quantized, save_quantized
+from qwt_core.compensation import CompensatedBlock
+from qwt_core.quantizers import UniformQuantizer
+from qwt_core.adapters import quantize_resnet
+from qwt_core.modules import set_quant_state
+from qwt_core.adapters.timm_resnet import PUBLISHED_QWT_CONFIG, fold_all_batchnorms
 from qwt_core.modules import QuantConv2d, QuantLinear
 from qwt_core.quantizers import PercentileQuantizer
 
@@ -74,7 +77,7 @@ def _calibrated(recipe="published", act_mode="reference8", w_bits=4, a_bits=4, n
         for name, layer in _quant_layers(model):
             hooks.append(layer.register_forward_pre_hook(
                 lambda mod, inp, name=name: seen.setdefault(name, inp[0].detach().clone())))
-    calibrate_repq(qm, x)
+    calibrate(qm, x)
     for h in hooks:
         h.remove()
     return fp, qm, x, seen
@@ -178,14 +181,15 @@ def test_bit_table(act_mode):
 def test_qwt_settings_are_the_published_ones():
     qm = quantize_resnet(small_resnet(), 4, 4)
     assert qm.form == "conv"
-    assert qm.qwt_kwargs == {"conv_kernel": 1, "conv_group_channels": 64, "ridge": 1e-3,
-                             "gate": "insample", "conv_r2_mean": "channel_position"}
-    assert qm.qwt_kwargs == PUBLISHED_QWT_KWARGS and qm.qwt_kwargs is not PUBLISHED_QWT_KWARGS
+    c = qm.qwt_config
+    assert (c.conv_kernel, c.conv_group_channels, c.ridge, c.gate, c.conv_r2_mean) == \
+        (1, 64, 1e-3, "insample", "channel_position")
+    assert c == PUBLISHED_QWT_CONFIG
     assert qm.block_names == ["layer1.0", "layer1.1", "layer2.0", "layer2.1",
                               "layer3.0", "layer3.1", "layer4.0", "layer4.1"]
     rec = qm.meta["recipe"]
     assert rec["name"] == "published" and rec["bn_folded"] is False
-    assert rec["qwt"] == {"form": "conv", **PUBLISHED_QWT_KWARGS}
+    assert rec["qwt"] == {"form": "conv", **PUBLISHED_QWT_CONFIG.to_dict()}
     json.dumps(qm.meta)  # JSON friendly
 
 
@@ -318,7 +322,7 @@ def test_cli_loads_files_saved_before_the_recipe_existed(tmp_path):
     model = MODELS["resnet18"].create(spec_kwargs)
     qm = quantize_resnet(model, 4, 4, recipe="folded")
     x = images(4, SIZE)
-    calibrate_repq(qm, x)
+    calibrate(qm, x)
     with torch.no_grad():
         expected = model(x)
     path = str(tmp_path / "old.pt")

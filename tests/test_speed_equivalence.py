@@ -23,9 +23,9 @@ from qwt_core.modules import QuantConv2d, QuantLinear, quantizers
 from tests.helpers_models import (images, kthvalue_quantile, least_squares_fitter, log_edge_values, tiny_resnet,
                                   tiny_swin, tiny_vit)
 
-ADAPTERS = {"vit": (tiny_vit, qwt_core.quantize_timm_vit, 32),
-            "swin": (tiny_swin, qwt_core.quantize_timm_swin, 56),
-            "resnet": (tiny_resnet, qwt_core.quantize_resnet, 32)}
+ADAPTERS = {"vit": (tiny_vit, qwt_core.adapters.quantize_timm_vit, 32),
+            "swin": (tiny_swin, qwt_core.adapters.quantize_timm_swin, 56),
+            "resnet": (tiny_resnet, qwt_core.adapters.quantize_resnet, 32)}
 
 
 def _kthvalue_quantiles(x, qs, dim=-1, method="auto"):
@@ -38,7 +38,7 @@ def _calibrated(kind: str, n_images: int = 4, bits: int = 4):
     torch.manual_seed(0)
     qm = adapter(make(), bits, bits)
     x = images(n_images, size, seed=3)
-    qwt_core.calibrate_repq(qm, x)
+    qwt_core.calibrate(qm, x)
     return qm, x
 
 
@@ -281,8 +281,8 @@ def test_log_floor_changes_no_value():
 
 
 def test_fused_log_kernel_floor_changes_no_value():
-    """The fused log-√2 kernel (on CPU the integer form of ``log_sqrt2_grid`` for 2-7 bits, log2
-    with x raised to LOG_FLOOR·Δ for 8 bits) gives the unfloored reference bit for bit, at and next to every power of √2, on zeros,
+    """The fused log-√2 kernel raises x to LOG_FLOOR·Δ on CPU (slow paths on 0 / denormals): it
+    still gives the unfloored reference bit for bit, at and next to every power of √2, on zeros,
     denormals, -0.0, NaN and inf, for bit widths with (2, 4, 7) and without (8) the floor (NaN
     where the reference has NaN, whatever its sign bit: the compiled kernel's NaN bits differ with
     or without the floor)."""
@@ -295,81 +295,6 @@ def test_fused_log_kernel_floor_changes_no_value():
             nan = ref.isnan()
             assert torch.equal(ours.isnan(), nan), (n_bits, d)
             assert _bitwise_equal(ours[~nan], ref[~nan]), (n_bits, d)
-
-
-def test_log_sqrt2_grid_gives_log2_values_on_every_float():
-    """The integer form of the log-√2 quantizer (steps read off this CPU's log2 by
-    ``log_sqrt2_grid``) gives the log2/exp2 fake quantization bit for bit: fused, on every float32
-    ``x/Δ`` from 2^-11 to 4 (4 bits: every binade it resolves, two below, two above); eagerly (the
-    form a compiled model traces) on 2^21 of them and on the edge values; fused for 3 and 6 bits on
-    the edge values. Grids exist for 2-7 bits (8 bits, whose steps reach the denormals, keeps log2)."""
-    grids = {b: qz.log_sqrt2_grid(b) for b in range(2, 9)}
-    assert all(grids[b] is not None for b in range(2, 8)) and grids[8] is None
-    e_lo, runs_a, runs_b, c = grids[4]
-    assert e_lo == -9 and c == float(torch.tensor(2 ** -0.5)) and 1 <= len(runs_a) <= 4 and 1 <= len(runs_b) <= 6
-    one = torch.tensor(1.0)
-    kernel = qz._FusedFakeQuant.get("log2")
-    for e in range(e_lo - 2, 2):
-        base = (e + 127) << 23
-        r = torch.arange(base, base + (1 << 23), dtype=torch.int32).view(torch.float32)
-        assert _bitwise_equal(kernel(r, one, 4), qz.log_sqrt2_fake_quant(r, one, 4)), e
-        assert ("log2", 4) in qz._FusedFakeQuant._grid_fns  # the integer kernel ran
-    g = torch.Generator().manual_seed(0)
-    r = torch.randint((e_lo + 125) << 23, 129 << 23, (1 << 21,), generator=g, dtype=torch.int32)
-    for x in (r.view(torch.float32), log_edge_values()):
-        ref = _log_sqrt2_reference(x, one, 4)
-        ours, nan = qz._log_sqrt2_grid_pure(x, one, 4, grids[4]), ref.isnan()
-        assert torch.equal(ours.isnan(), nan) and _bitwise_equal(ours[~nan], ref[~nan])
-    x = log_edge_values()
-    for n_bits in (3, 6):
-        delta = torch.tensor(0.37)
-        ours, ref = kernel(x, delta, n_bits), _log_sqrt2_reference(x, delta, n_bits)
-        nan = ref.isnan()
-        assert torch.equal(ours.isnan(), nan) and _bitwise_equal(ours[~nan], ref[~nan]), n_bits
-        assert ("log2", n_bits) in qz._FusedFakeQuant._grid_fns
-
-
-def test_log_sqrt2_grid_refuses_a_log2_it_cannot_pin_down(monkeypatch):
-    """A log2 whose steps are not one clean step per place (here: every other value moved by 64 ulps,
-    so the index goes back and forth around each step) gets no grid, and the fused kernel then keeps
-    the log2/exp2 form: the same values as the eager quantizer."""
-    monkeypatch.setattr(qz, "_LOG_GRIDS", {})
-    real = torch.log2
-
-    def wobbly(x: torch.Tensor) -> torch.Tensor:
-        y = real(x)
-        odd = (torch.arange(y.numel()) % 2 == 1).view(y.shape)
-        return torch.where(odd, y + 64 * (y.nextafter(torch.tensor(float("inf"))) - y), y)
-
-    monkeypatch.setattr(torch, "log2", wobbly)
-    assert qz.log_sqrt2_grid(4) is None and qz._LOG_GRIDS == {4: None}
-    monkeypatch.setattr(torch, "log2", real)
-    x, delta = log_edge_values(), torch.tensor(0.37)
-    monkeypatch.setattr(qz._FusedFakeQuant, "_grid_fns", {})
-    ours, ref = qz._FusedFakeQuant.get("log2")(x, delta, 4), _log_sqrt2_reference(x, delta, 4)
-    nan = ref.isnan()
-    assert torch.equal(ours.isnan(), nan) and _bitwise_equal(ours[~nan], ref[~nan])
-    assert not qz._FusedFakeQuant._grid_fns  # the log2 kernel ran
-
-
-def test_compiled_model_runs_the_integer_log_quantizer(monkeypatch):
-    """``torch.compile`` of a calibrated ViT traces the log-√2 quantizers in their integer form
-    (this CPU has a grid) and still gives the eager outputs bit for bit."""
-    qm, x = _calibrated("vit")
-    calls = []
-    pure = qz._log_sqrt2_grid_pure
-    monkeypatch.setattr(qz, "_log_sqrt2_grid_pure", lambda *a: calls.append(a[2]) or pure(*a))
-    with torch.no_grad():
-        ref = qm.model(x)
-        assert not calls  # eager: log2/exp2
-        torch._dynamo.reset()
-        try:
-            out = torch.compile(qm.model, backend="aot_eager", fullgraph=True)(x)
-        finally:
-            torch._dynamo.reset()
-    n_log = sum(isinstance(q, qz.LogSqrt2Quantizer) for _, q in quantizers(qm.model))
-    assert n_log > 0 and calls == [4] * n_log
-    assert torch.equal(out, ref)
 
 
 @pytest.mark.parametrize("case", ["per_tensor", "channel_last", "channel_first", "float64"])

@@ -187,7 +187,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     if args.plot is not None and not args.plot.lower().endswith(".png"):
         raise SystemExit(f"--plot {args.plot}: the figure is a PNG, the file name must end in .png")
     from qwt_core.cli_options import apply_speed_arguments, qwt_overrides
-    from qwt_core.cpu_heap import cpu_heap_mode
+    from qwt_core.cli_options import malloc_tunables
 
     try:
         qwt_kwargs = qwt_overrides(args.qwt_gate, args.qwt_ridge, solver=args.qwt_solver)
@@ -285,7 +285,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "synth_dir": args.synth_dir,
         "ap": {k: {"bbox": _ap(v, "bbox"), "segm": _ap(v, "segm")} for k, v in results.items()},
         "qwt_gate": report.gate, "qwt_ridge": report.ridge, "qwt_report": report.to_dict(), "seconds": timings,
-        "fused_fake_quant": bool(args.fused_fake_quant), "cpu_heap": cpu_heap_mode(),
+        "fused_fake_quant": bool(args.fused_fake_quant), "malloc_tunables": malloc_tunables(),
     }
     if is_main_process():
         print(report.format_table())

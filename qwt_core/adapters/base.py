@@ -7,6 +7,7 @@ from typing import Any, Callable, Literal, Optional, Union
 import torch
 from torch import nn
 
+from ..config import QuantConfig, QwTConfig
 from ..modules import QuantLinear
 from ..quantize import LayerBits
 from ..qwt import BlockInput, RunBlock, Transition
@@ -27,9 +28,13 @@ class QuantizedModel:
             ``block(x, **block_kwargs)``.
         form: ``"token"`` (channels-last Linear compensation) or ``"conv"`` (grouped conv).
         meta: free-form description (family, bits) saved with the model.
-        qwt_kwargs: the adapter's QwT recipe defaults (e.g. ``{"gate": "insample", "ridge": 1e-3}``),
-            passed by :func:`qwt_core.compensate` to :func:`qwt_core.apply_qwt`; explicit arguments
-            of ``compensate`` override them.
+        qwt_config: the adapter's published QwT settings (:class:`~qwt_core.QwTConfig`), used by
+            :func:`qwt_core.compensate` when it is given no config.
+        quant_config: the :class:`~qwt_core.QuantConfig` it was built with (set by
+            :func:`qwt_core.quantize`; None for a hand-built one).
+        calibrator: the adapter's own calibration ``(qm, data, ln_pairs=, row_mask=,
+            integer_zero_point=) -> CalibrationReport`` used by :func:`qwt_core.calibrate`, or None
+            for RepQ-ViT's one-batch protocol on ``ln_pairs``.
     """
 
     model: nn.Module
@@ -40,7 +45,29 @@ class QuantizedModel:
     run_block: Optional[RunBlock] = None
     form: Literal["token", "conv"] = "token"
     meta: dict[str, Any] = field(default_factory=dict)
+    qwt_config: QwTConfig = field(default_factory=QwTConfig)
+    quant_config: Optional[QuantConfig] = None
+    calibrator: Optional[Callable[..., Any]] = None
+    #: transitional spelling of ``qwt_config`` as keyword overrides (mirrors its non-default fields)
     qwt_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, nn.Module):
+            raise TypeError(f"QuantizedModel.model must be an nn.Module, not {type(self.model).__name__}")
+        if not isinstance(self.qwt_config, QwTConfig):
+            raise TypeError(f"QuantizedModel.qwt_config must be a QwTConfig, not {type(self.qwt_config).__name__}")
+        if self.form not in ("token", "conv"):
+            raise ValueError(f"QuantizedModel.form={self.form!r}: use 'token' or 'conv'")
+        if self.first_block_input is not None and not callable(self.first_block_input):
+            raise TypeError("QuantizedModel.first_block_input must be a callable batch -> first block input")
+        if self.qwt_kwargs:
+            self.qwt_config = self.qwt_config.replace(**self.qwt_kwargs)
+        self._mirror()
+
+    def _mirror(self) -> None:
+        default = QwTConfig()
+        self.qwt_kwargs = {k: v for k, v in self.qwt_config.to_dict().items()
+                           if k != "config" and getattr(default, k, None) != getattr(self.qwt_config, k)}
 
 
 def transformer_layer_rule(w_bits: int, a_bits: int, eight_bit: tuple[str, ...],

@@ -25,14 +25,17 @@ any reparameterization). The floating-point detector is therefore unchanged by t
 """
 from __future__ import annotations
 
-from typing import Optional
+import time
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modules import QuantMatMul
+from ..calibrate import CalibrationReport
+from ..modules import QuantMatMul, quantizers
 from ..quantize import LayerBits, quantize_layers
+from ..repq import repq_calibrate, uninitialized_quantizers
 from .base import QuantizedModel
 
 #: Linears whose input comes straight out of a LayerNorm (reparameterized by RepQ-ViT).
@@ -219,8 +222,9 @@ def quantize_mmdet_swin_detector(detector: nn.Module, w_bits: int, a_bits: int,
     Returns a :class:`QuantizedModel` whose ``model`` is the detector, whose ``block_names`` are the
     Swin blocks (``backbone.stages.s.blocks.j``) and whose ``first_block_input`` maps images
     ``(B, 3, H, W)`` (already normalised by the data preprocessor) to NHWC tokens
-    ``(B, H/4, W/4, C)``. ``calibrate_repq(qm, images)`` is *not* the right call for a detector
-    (it needs data samples): run ``repq_calibrate`` with a forward over a calibration batch.
+    ``(B, H/4, W/4, C)``; it also takes a preprocessed batch ``{"inputs": images, ...}``.
+    :func:`qwt_core.calibrate` takes one preprocessed batch ``{"inputs": (B, 3, H, W),
+    "data_samples": [...]}`` and runs it through the whole detector (:func:`calibrate_detector`).
     """
     backbone = getattr(detector, backbone_attr)
     _check_swin(backbone)
@@ -241,8 +245,11 @@ def quantize_mmdet_swin_detector(detector: nn.Module, w_bits: int, a_bits: int,
         if down is not None and getattr(down, "norm", None) is not None:
             ln_pairs.append((down.norm, down.reduction))
 
-    def first_block_input(images: torch.Tensor) -> torch.Tensor:
-        """Normalised images ``(B, 3, H, W)`` → NHWC tokens ``(B, H/4, W/4, C)`` of stage 0's first block."""
+    def first_block_input(images: Any) -> torch.Tensor:
+        """Normalised images ``(B, 3, H, W)`` (or a batch dict with them under ``"inputs"``) → NHWC
+        tokens ``(B, H/4, W/4, C)`` of stage 0's first block."""
+        if isinstance(images, dict):
+            images = images["inputs"]
         x, (h, w) = backbone.patch_embed(images)
         if backbone.use_abs_pos_embed:
             x = x + backbone.absolute_pos_embed
@@ -265,5 +272,31 @@ def quantize_mmdet_swin_detector(detector: nn.Module, w_bits: int, a_bits: int,
 
     return QuantizedModel(model=detector, ln_pairs=ln_pairs, block_names=block_names,
                           first_block_input=first_block_input, transition=transition,
-                          run_block=run_block, form="token",
+                          run_block=run_block, form="token", calibrator=calibrate_detector,
                           meta={"family": "mmdet_swin", "w_bits": w_bits, "a_bits": a_bits})
+
+
+@torch.no_grad()
+def calibrate_detector(qm: QuantizedModel, batch: dict, ln_pairs: Any = "adapter", row_mask: Any = None,
+                       integer_zero_point: bool = False) -> CalibrationReport:
+    """RepQ-ViT calibration of a quantized mmdet detector on one preprocessed batch ``{"inputs":
+    (B, 3, H, W), "data_samples": [...]}`` (what :func:`qwt_core.calibrate` runs for this adapter).
+
+    Raises ``RuntimeError`` naming quantizers the detector never reached (e.g. a head that got no RoIs).
+    """
+    if not isinstance(batch, dict) or "inputs" not in batch or "data_samples" not in batch:
+        raise TypeError("calibrating a detector takes one preprocessed batch {'inputs': images, "
+                        "'data_samples': [...]} (the data preprocessor's output)")
+    if ln_pairs != "adapter" or row_mask is not None:
+        raise ValueError("the mmdet Swin adapter calibrates with its own LayerNorm pairs and no row mask")
+    t0 = time.perf_counter()
+    model = qm.model
+    model.eval()
+    # rescale=False: the masks need not be pasted back at the original image size
+    repq_calibrate(lambda: model.predict(batch["inputs"], batch["data_samples"], rescale=False),
+                   model, qm.ln_pairs, integer_zero_point=integer_zero_point)
+    missing = uninitialized_quantizers(model)
+    if missing:
+        raise RuntimeError(f"{len(missing)} quantizers saw no data during RepQ-ViT calibration "
+                           f"(e.g. {missing[:3]}); use more or larger calibration images")
+    return CalibrationReport(quantizers=sum(1 for _ in quantizers(model)), seconds=time.perf_counter() - t0)

@@ -248,7 +248,7 @@ def quantize_open_clip_visual(visual: nn.Module, w_bits: int, a_bits: int, quant
 
     Without ``head``, ``QuantizedModel.model`` is ``visual``: images ``(B, 3, H, W)`` → image
     embedding ``(B, E)``. With a (quantized) :class:`ZeroShotHead` it is
-    ``OpenCLIPZeroShot(visual, head)``: images → logits ``(B, C)``; ``calibrate_repq`` then runs the
+    ``OpenCLIPZeroShot(visual, head)``: images → logits ``(B, C)``; ``qwt_core.calibrate`` then runs the
     RepQ-ViT batch through the head too, which initialises the classifier's quantizers in the same
     forward (as in the published image-only flow). Block names are ``transformer.resblocks.{i}``
     either way.

@@ -13,7 +13,7 @@ Two recipes (``recipe=``):
   - stem ``conv1`` and ``fc`` at W8/A8; every other conv at ``W = w_bits``; conv inputs at 8 bits
     in ``act_mode="reference8"`` (what the reference runs) or at ``a_bits`` in ``act_mode="true"``;
   - quantizers initialise lazily in ONE forward of the calibration batch (32 images);
-  - QwT (``QuantizedModel.qwt_kwargs``): per residual block ``layer{1..4}.{j}`` a grouped 1×1 conv on
+  - QwT (``QuantizedModel.qwt_config``): per residual block ``layer{1..4}.{j}`` a grouped 1×1 conv on
     the block input (``C_in // 64`` groups, stride from the output size), fitted by ridge least
     squares with λ = 1e-3 on all columns including the intercept, and applied when its in-sample
     R² > 0 with SS_tot taken around the per-(channel, position) mean over the batch.
@@ -30,6 +30,7 @@ from typing import Any, Callable, Literal, Optional, Sequence
 import torch
 from torch import nn
 
+from ..config import QwTConfig
 from ..modules import QuantConv2d, QuantLinear
 from ..quantizers import CANDIDATE_PERCENTILES, UniformQuantizer, validate_bits
 from .base import QuantizedModel
@@ -42,14 +43,14 @@ Recipe = Literal["published", "folded"]
 ACT_MODES: tuple[str, ...] = ("reference8", "true")
 RECIPES: tuple[str, ...] = ("published", "folded")
 
-#: QwT settings of the published ResNet script, handed to ``apply_qwt`` by ``qwt_core.compensate``.
-PUBLISHED_QWT_KWARGS: dict[str, Any] = {
-    "conv_kernel": 1,                      # --kernel_size 1
-    "conv_group_channels": 64,             # --factor 64: groups = max(C_in // 64, 1)
-    "ridge": 1e-3,                         # λ·I added to AᵀA, intercept column included
-    "gate": "insample",                    # compensate iff in-sample R² > 0
-    "conv_r2_mean": "channel_position",    # SS_tot around the per-(channel, position) batch mean
-}
+#: QwT settings of the published ResNet script (``qwt_core.compensate``'s default for these models).
+PUBLISHED_QWT_CONFIG = QwTConfig(
+    conv_kernel=1,                      # --kernel_size 1
+    conv_group_channels=64,             # --factor 64: groups = max(C_in // 64, 1)
+    ridge=1e-3,                         # λ·I added to AᵀA, intercept column included
+    gate="insample",                    # compensate iff in-sample R² > 0
+    conv_r2_mean="channel_position",    # SS_tot around the per-(channel, position) batch mean
+)
 
 
 def is_batchnorm(module: nn.Module) -> bool:
@@ -150,7 +151,7 @@ def recipe_record(recipe: Recipe, w_bits: int, a_bits: int, act_mode: ActMode,
         "act_mode": act_mode,
         "bits": {"conv1": [8, 8], "fc": [8, 8], "other_convs": [conv_w, conv_a]},
         "calibration": "lazy init in one forward of the calibration batch",
-        "qwt": {"form": "conv", **PUBLISHED_QWT_KWARGS},
+        "qwt": {"form": "conv", **PUBLISHED_QWT_CONFIG.to_dict()},
     }
 
 
@@ -207,7 +208,7 @@ def quantize_resnet(model: nn.Module, w_bits: int, a_bits: int, act_mode: ActMod
         recipe: ``published`` (BatchNorm kept, default) or ``folded`` (BatchNorm folded first).
     Returns:
         A :class:`QuantizedModel` with ``form="conv"``, blocks ``layer{1..4}.{j}`` and the published
-        QwT settings in ``qwt_kwargs``; ``meta["recipe"]`` records the recipe.
+        QwT settings in ``qwt_config``; ``meta["recipe"]`` records the recipe.
     """
     validate_bits(w_bits, "w_bits")
     validate_bits(a_bits, "a_bits")
@@ -235,7 +236,7 @@ def quantize_resnet(model: nn.Module, w_bits: int, a_bits: int, act_mode: ActMod
                           meta={"family": "resnet", "w_bits": w_bits, "a_bits": a_bits,
                                 "act_mode": act_mode, "resnet_recipe": recipe,
                                 "recipe": recipe_record(recipe, w_bits, a_bits, act_mode, n_folded)},
-                          qwt_kwargs=dict(PUBLISHED_QWT_KWARGS))
+                          qwt_config=PUBLISHED_QWT_CONFIG)
 
 
 def quantize_resnet_body(model: nn.Module, body: str, w_bits: int, a_bits: int,
@@ -323,4 +324,4 @@ def quantize_resnet_body(model: nn.Module, body: str, w_bits: int, a_bits: int,
                           meta={"family": "resnet", "w_bits": w_bits, "a_bits": a_bits,
                                 "act_mode": act_mode, "resnet_recipe": recipe, "body": body,
                                 "recipe": record, **(meta or {})},
-                          qwt_kwargs=dict(PUBLISHED_QWT_KWARGS))
+                          qwt_config=PUBLISHED_QWT_CONFIG)
