@@ -23,6 +23,7 @@ import platform
 import shutil
 import sys
 import time
+import types
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -115,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--synth-label-iterations", type=int, default=200, help="stage B iterations (published 3000)")
     p.add_argument("--synth-label-imgsz", type=int, default=64, help="stage B size (published: imgsz / 4)")
     p.add_argument("--synth-batch", type=int, default=32)
+    p.add_argument("--qat-epochs", type=int, default=10, help="zero-shot QAT epochs at W4A8 (0: none)")
+    p.add_argument("--qat-batch", type=int, default=16)
+    p.add_argument("--qat-lr", type=float, default=1e-4)
     p.add_argument("--retrain", action="store_true")
     p.add_argument("--train-only", action="store_true")
     args = p.parse_args(argv)
@@ -172,7 +176,24 @@ def synthetic_rows(args: argparse.Namespace, base, val, bn: str) -> dict[str, An
         print(f"{cfg.label} synthetic PTQ {ptq['map50_95']:.4f}/{ptq['map50']:.4f}  "
               f"+QwT {qwt['map50_95']:.4f}/{qwt['map50']:.4f}  ({len(rep.applied())} layers)", flush=True)
         runs.append({"config": cfg.to_dict(), "ptq": ptq, "qwt": qwt, "qwt_report": rep.to_dict()})
-    return {"images": args.synthetic_images, "ptq_images": n_calib, "qwt_images": args.synthetic_images,
+    qat = None
+    if args.qat_epochs > 0:
+        from yolo_qwt.zsqat import ZsqatConfig, synthetic_training_set, train as qat_train
+        det = copy.deepcopy(base)
+        teacher = copy.deepcopy(base.model).eval()
+        imgs, labels = synthetic_training_set(folder, det)
+        cfg = ZsqatConfig(w_bits=4, a_bits=8, epochs=args.qat_epochs, batch=args.qat_batch, lr=args.qat_lr,
+                          seed=args.seed)
+        res = qat_train(det, teacher, imgs, labels, cfg, os.path.join(out, f"qat_W4A8_e{args.qat_epochs}"),
+                        resume=False, progress=False)
+        metrics = val(types.SimpleNamespace(for_validator=lambda: res["ema"]))
+        print(f"W4A8 zero-shot QAT {metrics['map50_95']:.4f}/{metrics['map50']:.4f}", flush=True)
+        hist = res["history"]
+        qat = {"config": cfg.to_dict(), "metrics": metrics, "iterations": len(hist),
+               "seconds_per_iteration": res["seconds"] / max(1, len(hist)) if res["seconds"] else None,
+               "loss_first": hist[0], "loss_last": hist[-1],
+               "curve": [{k: r[k] for k in ("iteration", "total", "det", "kl", "mse")} for r in hist]}
+    return {"images": args.synthetic_images, "ptq_images": n_calib, "qat": qat, "qwt_images": args.synthetic_images,
             "folder": os.path.relpath(folder, ROOT), "synthesis_wall_seconds": wall,
             "labels_per_image_mean": sum(n_boxes) / len(n_boxes), **per_it, "runs": runs}
 
@@ -219,6 +240,9 @@ def measure(args: argparse.Namespace, data_yaml: str, ckpt: str, train_seconds: 
                      {"setting": r["config"]["label"], "method": "PTQ + QwT", "top1": 100 * r["qwt"]["map50_95"]}]
     synthetic = synthetic_rows(args, base, val, best_bn) if args.synthetic_images > 0 else None
     if synthetic is not None:
+        if synthetic["qat"] is not None:
+            rows.append({"setting": "W4A8", "method": "zero-shot QAT (synthetic)",
+                         "top1": 100 * synthetic["qat"]["metrics"]["map50_95"]})
         for r in synthetic["runs"]:
             rows += [{"setting": r["config"]["label"], "method": "PTQ, synthetic calib",
                       "top1": 100 * r["ptq"]["map50_95"]},
