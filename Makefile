@@ -5,7 +5,7 @@
 #   det   (`make det`)   detection: mmengine, pycocotools, mmcv 2.1.0 compiled from source once
 #                        (10-50 minutes on 2 cores, wheel cached in ~/.cache/qwt-toolkit), mmdet 3.3.0.
 #   yolo  (`make yolo`)  Ultralytics (AGPL-3.0) + the original YOLOv5 model code (yolov5 7.0.14, no deps).
-#   test                 pytest.
+#   test                 pytest, ruff.
 # `make demo` installs only core; `make test` installs all layers (so it builds mmcv the first time).
 # VENV=/some/dir selects another environment, e.g. `make demo VENV=/tmp/venv_core`.
 PYTHON ?= python3
@@ -19,7 +19,7 @@ TESTS  := $(VENV)/.test-installed
 # what the bench targets need
 STAMP  := $(CORE)
 
-.PHONY: venv core det yolo demo test bench bench-onnx bench-speed clean-venv
+.PHONY: venv core det yolo demo test lint bench bench-onnx bench-speed clean-venv
 
 core: $(CORE)
 det: $(DET)
@@ -28,7 +28,7 @@ yolo: $(YOLO)
 venv: $(CORE) $(DET) $(YOLO) $(TESTS)
 	touch $(VENV)/.installed
 
-$(CORE): requirements.txt setup.py scripts/setup_env.sh
+$(CORE): requirements.txt pyproject.toml scripts/setup_env.sh
 	bash scripts/setup_env.sh $(PYTHON) $(VENV) core
 	touch $@
 
@@ -50,6 +50,10 @@ demo: $(CORE)
 
 test: $(CORE) $(DET) $(YOLO) $(TESTS)
 	$(PY) -m pytest -q tests
+
+# ruff (pyproject.toml: pyflakes + pycodestyle errors); .ci/run runs it before the tests
+lint: $(TESTS)
+	$(PY) -m ruff check .
 
 # calibration / fake-quant eval / QwT time vs FP, DeiT-S, Swin-T, ResNet-50 (2 CPU threads; + GPU if any)
 # -> results/speed_<devices>.json

@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Optional, Sequence
@@ -36,11 +34,10 @@ SOURCES = ("real", "synthetic")
 
 
 def demo_module():
-    """``scripts/demo.py`` as a module (not a package, so loaded from its path)."""
-    spec = importlib.util.spec_from_file_location("qwt_demo_script", os.path.join(ROOT, "scripts", "demo.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """The digits demo's data and model helpers (:mod:`cls_repq_vit.digits`)."""
+    from cls_repq_vit import digits
+
+    return digits
 
 
 def run_seed(seed: int, settings: Sequence[str], iterations: int, synth_batch: int, out: str) -> dict[str, Any]:
@@ -52,12 +49,7 @@ def run_seed(seed: int, settings: Sequence[str], iterations: int, synth_batch: i
         from cls_repq_vit import cli, synthesize
 
         res: dict[str, Any] = {"seed": seed, "log": os.path.relpath(log, out), "runs": {}}
-        os.makedirs(os.path.join(demo.OUT, "models"), exist_ok=True)
-        ckpt = os.path.join(demo.OUT, "models", f"deit_digits_seed{seed}.pth")
-        if demo._cached(ckpt, seed, demo.TRAIN):
-            res["train"] = {"cached": True}
-        else:
-            res["train"] = {"cached": False, **demo.train_demo_model(ckpt, seed, demo.TRAIN, demo.OUT)}
+        ckpt, res["train"] = demo.prepare_model(seed, demo.OUT, demo.TRAIN)
         model_argv = ["--model", demo.MODEL_NAME, "--checkpoint", ckpt,
                       "--model_kwargs", *[f"{k}={v}" for k, v in demo.MODEL_KWARGS.items()]]
 
@@ -199,7 +191,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     summary = aggregate(demo, per_seed, settings, args, time.perf_counter() - t0)
     summary["machine"] = machine_info(1)
     atomic_write_json(os.path.join(out, "results.json"), summary)
-    atomic_write_json(results_path("datafree.json"), summary)
+    if os.path.abspath(out) == os.path.abspath(OUT):  # the default run: the docs' table
+        atomic_write_json(results_path("datafree.json"), summary)
     print("\n" + format_table(summary))
     try:
         from qwt_core.plotting import plot_accuracy

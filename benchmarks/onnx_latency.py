@@ -26,7 +26,6 @@ import argparse
 import copy
 import os
 import platform
-import sys
 import tempfile
 import time
 from typing import Any, Callable

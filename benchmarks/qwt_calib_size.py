@@ -16,8 +16,6 @@ Usage: ``python -m benchmarks.qwt_calib_size [--threads 1] [--sizes 4 8 16 ... 5
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 import warnings
 

@@ -44,7 +44,6 @@ import json
 import os
 import platform
 import re
-import sys
 import time
 
 import torch

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import statistics
 import sys
 import time
@@ -139,7 +138,7 @@ def measure_model(name: str, mode: str, args: argparse.Namespace, device: torch.
         qm = adapter(model, args.w_bits, args.a_bits)
         # calibration vs one FP forward of the calibration batch (FP on both sides of it)
         fp_a = _timed(lambda: _forward_all(fp, [calib]), device)
-        t["calibration"].append(_timed(lambda: qwt_core.calibrate(qm, calib), device))
+        t["calibration"].append(_timed(lambda qm=qm: qwt_core.calibrate(qm, calib), device))
         fp_b = _timed(lambda: _forward_all(fp, [calib]), device)
         t["fp_calib"].append((fp_a + fp_b) / 2)
         # evaluation: FP and fake-quant batch by batch, alternating, --eval_rounds times (one untimed
@@ -150,7 +149,7 @@ def measure_model(name: str, mode: str, args: argparse.Namespace, device: torch.
         # QwT stage vs one FP forward over its calibration set (FP on both sides of it)
         fp_a = _timed(lambda: _forward_all(fp, qwt_batches), device)
         box: dict = {}
-        t["qwt"].append(_timed(lambda: box.setdefault(
+        t["qwt"].append(_timed(lambda qm=qm, box=box: box.setdefault(
             "report", qwt_core.compensate(qm, qwt_batches, progress=False)), device))
         fp_b = _timed(lambda: _forward_all(fp, qwt_batches), device)
         t["fp_qwt"].append((fp_a + fp_b) / 2)

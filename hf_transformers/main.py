@@ -25,7 +25,6 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 import qwt_core
 from qwt_core.adapters import hf as hf_adapter

@@ -58,7 +58,7 @@ from .attention import QuantViTAttention, QuantWindowAttention, mask_scores
 from .compensation import CompensatedBlock
 from .config import ExportConfig
 from .modules import QuantConv2d, QuantLayerMixin, QuantLinear, QuantMatMul
-from .quantizers import (LogSqrt2Quantizer, UniformQuantizer, _LazyQuantizer, log_sqrt2_fake_quant)
+from .quantizers import (LogSqrt2Quantizer, UniformQuantizer, _LazyQuantizer)
 
 Compensation = Literal["fp32", "int8"]
 WeightDtype = Literal["auto", "int8"]

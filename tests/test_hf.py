@@ -5,7 +5,6 @@ Tiny BERT (random init, outlier LayerNorm channels as in real post-LN models) an
 a WordLevel tokenizer saved to a folder: no download.
 """
 import json
-import os
 
 import pytest
 import torch

@@ -147,7 +147,7 @@ def test_make_steps_learnable_keeps_output_and_log2_fixed():
 
 
 # ---------------------------------------------------------------- distillation losses
-from qwt_core.distill import BlockOutputRecorder, Distiller, block_mse, kl_distill  # noqa: E402
+from qwt_core.distill import BlockOutputRecorder, Distiller, kl_distill  # noqa: E402
 
 BLOCKS = ["blocks.0", "blocks.1", "blocks.2"]
 

@@ -199,7 +199,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         raise SystemExit(f"checkpoint not found: {args.checkpoint}. Put the Swin detection checkpoint "
                          "in pretrained_weights/ (see pretrained_weights/README.md).")
 
-    import torch
     from det_repq_vit.runtime import setup_process
 
     from det_repq_vit.checkpoint import load_detector_checkpoint
