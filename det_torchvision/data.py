@@ -55,15 +55,20 @@ def list_calibration_images(coco_root: str, split: str, n: int, seed: int = 0) -
     return files[:n]
 
 
-def calibration_batches(paths: Sequence[Path], batch_size: int, size: int) -> Iterator[torch.Tensor]:
-    """Batches ``(B, 3, size, size)`` in [0, 1] of the images, each resized (bilinear, no aspect
-    ratio kept) to ``size × size`` so that every QwT batch has one spatial size."""
+def calibration_batches(paths: Sequence[Path | torch.Tensor], batch_size: int, size: int) -> Iterator[torch.Tensor]:
+    """Batches ``(B, 3, size, size)`` in [0, 1] of the images (files, or ``(3, size, size)`` tensors
+    such as synthetic images), each file resized (bilinear, no aspect ratio kept) to ``size × size``
+    so that every QwT batch has one spatial size."""
     import torch.nn.functional as F
 
+    def one(p: Path | torch.Tensor) -> torch.Tensor:
+        if isinstance(p, torch.Tensor):
+            return p
+        return F.interpolate(load_image(p)[None], size=(size, size), mode="bilinear",
+                             align_corners=False, antialias=True)[0]
+
     for i in range(0, len(paths), batch_size):
-        imgs = [F.interpolate(load_image(p)[None], size=(size, size), mode="bilinear",
-                              align_corners=False, antialias=True)[0] for p in paths[i:i + batch_size]]
-        yield torch.stack(imgs).clamp_(0, 1)
+        yield torch.stack([one(p) for p in paths[i:i + batch_size]]).clamp_(0, 1)
 
 
 class CocoImages(torch.utils.data.Dataset):

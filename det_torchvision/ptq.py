@@ -46,7 +46,7 @@ def calibrate_detector(qm: QuantizedModel, images: torch.Tensor) -> None:
     """Percentile calibration: every quantizer initialises in one detector forward of ``images``
     (``(B, 3, H, W)`` in [0, 1]; 32 images in the published recipe). The only call of the library's
     calibration in this package."""
-    from qwt_core import calibrate_repq
+    from qwt_core.pipeline import calibrate_repq
 
     calibrate_repq(qm, {"images": list(images)})
 
@@ -102,6 +102,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="true: conv inputs at --a_bits (default); reference8: at 8 bits")
     p.add_argument("--recipe", choices=["published", "folded"], default="published",
                    help="published: BatchNorm kept as an fp32 module (default); folded: folded into the conv")
+    p.add_argument("--calib-source", "--calib_source", dest="calib_source", choices=["folder", "synthetic"],
+                   default="folder", help="folder: real images of --calib-split; synthetic: a set made by "
+                   "det_torchvision.synthesize from this checkpoint (no real image)")
+    p.add_argument("--synth-dir", "--synth_dir", dest="synth_dir", default=None,
+                   help="synthetic set folder (with --calib-source synthetic)")
     p.add_argument("--calib-split", "--calib_split", dest="calib_split", default="train2017",
                    help="folder of real calibration images under --coco-root (default train2017)")
     p.add_argument("--calib_size", "--calib-size", dest="calib_size", type=int, default=256,
@@ -155,14 +160,29 @@ def _check_args(args: argparse.Namespace) -> dict[str, Any]:
         check_split(args.coco_root, args.split)
     except FileNotFoundError as err:
         fail(str(err))
-    try:
-        check_split(args.coco_root, args.calib_split, need_annotations=False)
-    except FileNotFoundError as err:
-        fail(f"calibration images: {err}")
+    if args.calib_source == "synthetic":
+        if not args.synth_dir:
+            fail("--calib-source synthetic needs --synth-dir DIR (made by det_torchvision.synthesize)")
+    elif args.synth_dir:
+        fail("--synth-dir is only used with --calib-source synthetic")
+    else:
+        try:
+            check_split(args.coco_root, args.calib_split, need_annotations=False)
+        except FileNotFoundError as err:
+            fail(f"calibration images: {err}")
     try:
         return qwt_overrides(args.qwt_gate, args.qwt_ridge, default_gate="insample", solver=args.qwt_solver)
     except ValueError as err:
         fail(str(err))
+
+
+def resized(images: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """``(N, 3, H, W)`` → N images ``(3, size, size)`` (bilinear when the size differs)."""
+    import torch.nn.functional as F
+
+    if tuple(images.shape[-2:]) != (size, size):
+        images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False).clamp_(0, 1)
+    return list(images)
 
 
 def _shard(items: list, rank: int, world: int) -> list:
@@ -180,9 +200,21 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     device, rank, world = setup(args)
     model, info, dataset = load_model_and_data(args, device)
     size = args.calib_img_size or int(model.transform.min_size[0])
+    n_calib = max(args.calib_size, args.calib_batch)
     try:
-        paths = list_calibration_images(args.coco_root, args.calib_split,
-                                        max(args.calib_size, args.calib_batch), args.seed)
+        if args.calib_source == "synthetic":
+            from det_torchvision.synth import synthetic_images
+            from qwt_core.synth_io import SynthSetError
+
+            try:
+                images = synthetic_images(args.synth_dir, n_calib, checkpoint=args.checkpoint)
+            except SynthSetError as err:
+                fail(str(err))
+            if images.shape[0] < n_calib:
+                fail(f"{args.synth_dir} holds {images.shape[0]} images, {n_calib} needed for calibration")
+            paths = resized(images, size)
+        else:
+            paths = list_calibration_images(args.coco_root, args.calib_split, n_calib, args.seed)
     except ValueError as err:
         fail(str(err))
     if args.calib_size < world:
@@ -220,6 +252,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "model_kwargs": info["model_kwargs"], "coco_root": str(args.coco_root), "split": args.split,
         "images": len(dataset), "w_bits": args.w_bits, "a_bits": args.a_bits,
         "layer_set": args.layer_set, "act_mode": args.act_mode, "recipe": qm.meta["recipe"],
+        "calib_source": args.calib_source, "synth_dir": args.synth_dir,
         "calib_split": args.calib_split, "calib_size": args.calib_size, "calib_batch": args.calib_batch,
         "qwt_batch": args.qwt_batch, "calib_img_size": size, "start_block": args.start_block,
         "seed": args.seed, "world_size": world, "device": str(device),

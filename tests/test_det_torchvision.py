@@ -23,7 +23,7 @@ from det_torchvision import ptq  # noqa: E402
 from det_torchvision.data import CocoImages, calibration_batches, list_calibration_images  # noqa: E402
 from det_torchvision.evaluate import coco_metrics, detections_to_coco, evaluate_coco  # noqa: E402
 from det_torchvision.model import CheckpointError, build_maskrcnn, load_maskrcnn, save_maskrcnn  # noqa: E402
-from qwt_core import set_quant_state  # noqa: E402
+from qwt_core.modules import set_quant_state  # noqa: E402
 from qwt_core.adapters.timm_resnet import fold_all_batchnorms  # noqa: E402
 from qwt_core.adapters.torchvision_rcnn import detector_layer_names  # noqa: E402
 from qwt_core.modules import QuantConv2d  # noqa: E402
@@ -241,3 +241,109 @@ def test_two_gloo_processes_merge_to_the_single_process_result(checkpoint, coco,
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
     assert b["world_size"] == 2 and a["world_size"] == 1
     assert a["results"] == b["results"]
+
+
+# ------------------------------------------------------------------------------- stage I (data-free)
+from det_torchvision import synth  # noqa: E402
+from qwt_core.inversion import BNStatsPrior, total_variation  # noqa: E402
+from qwt_core.synth_io import SynthSetError  # noqa: E402
+
+
+def _targets(labels):
+    return [{"boxes": t["boxes"], "labels": t["labels"], "masks": t["masks"]} for t in labels]
+
+
+def test_synthesis_terms_match_direct_computations(checkpoint, coco):
+    model, _ = load_maskrcnn(checkpoint)
+    teacher = synth.with_batchnorm2d(model)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in teacher.modules()) == 53
+    x01 = _calib(coco, 2)
+    x = torch.stack([model.transform.normalize(im) for im in x01])
+    # BN term: the prior on the BatchNorm2d copy = the statistics of the FrozenBatchNorm2d inputs
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda mod, inp: seen.append((inp[0], mod)))
+             for m in model.modules() if type(m).__name__ == "FrozenBatchNorm2d"]
+    with torch.no_grad():
+        ref_feats = model.backbone(x)
+    for h in hooks:
+        h.remove()
+    direct = sum(torch.norm(mod.running_var - t.var(dim=(0, 2, 3), unbiased=False)) +
+                 torch.norm(mod.running_mean - t.mean(dim=(0, 2, 3))) for t, mod in seen)
+    with BNStatsPrior(teacher) as bn, torch.no_grad():
+        feats = teacher.backbone(x)
+        prior = bn.loss(x)
+    assert len(seen) == 53
+    torch.testing.assert_close(prior, direct, rtol=1e-4, atol=1e-4)
+    for k in ref_feats:
+        assert ((feats[k] - ref_feats[k]).norm() / ref_feats[k].norm()) < 1e-4
+    # TV: four first-difference Frobenius norms
+    d = [x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :],
+         x[..., 1:, 1:] - x[..., :-1, :-1], x[..., 1:, :-1] - x[..., :-1, 1:]]
+    torch.testing.assert_close(total_variation(x), sum(t.pow(2).sum().sqrt() for t in d))
+    # L_det: the detector's own training losses (same RoI sampling seed), no transform in between
+    labels = synth.coco_labels(coco, "train2017", SIZE, flip=False, max_images=2)
+    tg = _targets(labels)
+    torch.manual_seed(3)
+    with synth.loss_mode(teacher), torch.no_grad():
+        ours = synth.detection_loss(teacher, x, tg)
+    model.train()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        theirs = model(list(x01), tg)
+    model.eval()
+    assert set(ours) == set(theirs) == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier",
+                                        "loss_box_reg", "loss_mask"}
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], rtol=1e-3, atol=1e-4)
+    assert not teacher.training and not teacher.rpn.training and not teacher.roi_heads.training
+
+
+def test_coco_labels_flip_and_rescale(coco):
+    plain = synth.coco_labels(coco, "train2017", 2 * SIZE, flip=False)
+    flipped = synth.coco_labels(coco, "train2017", 2 * SIZE, seed=0, flip=True)
+    shapes = make_shapes(16, SIZE, 0)
+    assert len(plain) == sum(len(s.labels) > 0 for s in shapes)
+    torch.testing.assert_close(plain[0]["boxes"], torch.from_numpy(shapes[0].boxes) * 2)
+    assert plain[0]["masks"].shape[-2:] == (2 * SIZE, 2 * SIZE)
+    n_flip = 0
+    for a, b in zip(plain, flipped):
+        if b["flip"]:
+            n_flip += 1
+            torch.testing.assert_close(b["boxes"][:, [2, 0]], 2 * SIZE - a["boxes"][:, [0, 2]])
+            assert torch.equal(b["masks"], a["masks"].flip(-1))
+        else:
+            assert torch.equal(b["boxes"], a["boxes"])
+    assert 0 < n_flip < len(plain)
+
+
+def test_synthesis_lowers_the_loss_and_round_trips(checkpoint, coco, tmp_path):
+    model, _ = load_maskrcnn(checkpoint)
+    before = copy.deepcopy(model.state_dict())
+    labels = synth.coco_labels(coco, "train2017", SIZE, max_images=2)
+    teacher = synth.with_batchnorm2d(model)
+    x0 = torch.randn(2, 3, SIZE, SIZE)
+    from qwt_core.inversion import invert
+
+    torch.manual_seed(0)
+    with synth.loss_mode(teacher), BNStatsPrior(teacher) as bn:
+        res = invert(x0, lambda x, it: synth.detection_loss(teacher, x, _targets(labels)),
+                     synth.dfq_resnet_config(iterations=8), priors=[bn], progress=False)
+    first, last = res.history[0], res.history[-1]
+    assert last["total"] < first["total"] and last["bn"] < first["bn"]
+    out = str(tmp_path / "synth")
+    man = synth.synthesize(model, labels, out, SIZE, synth.dfq_resnet_config(iterations=2), batch_size=2,
+                           checkpoint=checkpoint, progress=False)
+    assert man.complete and man.num_images == 2 and man.hparams["bn_weight"] == 0.05
+    imgs = synth.synthetic_images(out, checkpoint=checkpoint)
+    assert imgs.shape == (2, 3, SIZE, SIZE) and 0 <= imgs.min() and imgs.max() <= 1
+    shard = torch.load(os.path.join(out, man.shards[0]["file"]), weights_only=False)
+    assert torch.equal(shard["targets"][0]["bboxes"], labels[0]["boxes"])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    other = tmp_path / "other.pth"
+    save_maskrcnn(build_maskrcnn(num_classes=5, **KW), str(other), model_kwargs=KW)
+    with pytest.raises(SynthSetError):
+        synth.synthetic_images(out, checkpoint=str(other))
+    s = ptq.main(["--checkpoint", checkpoint, "--coco-root", coco, "--calib-source", "synthetic", "--synth-dir", out,
+                  "--calib_size", "2", "--calib_batch", "2", "--qwt", "--skip-fp", "--threads", "1"])
+    assert s["calib_source"] == "synthetic" and set(s["ap"]) == {"ptq", "qwt"}
