@@ -395,6 +395,7 @@ def export_and_eval_onnx(args: argparse.Namespace, model: nn.Module, calib_image
     integer-op check, and onnxruntime's top-1 next to the fake-quant top-1 (``results["onnx"]``)."""
     if not is_main_process():
         return
+    from cls_repq_vit.export_onnx import evaluate_onnx
     from qwt_core import export as qx
     example = torch.zeros(1, 3, args.img_size, args.img_size)
     try:
@@ -409,7 +410,7 @@ def export_and_eval_onnx(args: argparse.Namespace, model: nn.Module, calib_image
         if world > 1:
             raise SystemExit("error: --eval_onnx runs in one process; run it without torchrun")
         t = time.perf_counter()
-        res = qx.evaluate_onnx(args.export_onnx, val, reference=rep.reference, progress=not args.no_progress)
+        res = evaluate_onnx(args.export_onnx, val, reference=rep.reference, progress=not args.no_progress)
         timings["eval_onnx"] = time.perf_counter() - t
         results["onnx"]["eval"] = res
         rows.append((f"ORT int8 ({args.onnx_compensation} comp)",

@@ -31,9 +31,9 @@ only when every integer is within ±64 (W ≤ 6 bits, or a centred W7 channel) a
 kernels, no saturation) otherwise, so the int8 model reproduces the fake-quant arithmetic on every
 CPU. ``weight_dtype="int8"`` uses int8 throughout (exact on VNNI / AMX machines only).
 
-Public API: :func:`export_onnx`, :func:`integer_op_report`, :func:`compare_onnx`,
-:func:`evaluate_onnx`, :func:`ort_latency`, :func:`torch_latency`, :func:`quantize_compensations`.
-Command line: ``python -m qwt_core.export SAVED.pt OUT.onnx`` (a model saved by ``save_quantized``).
+Public API: :func:`export_onnx`, :func:`export_fp_onnx`, :func:`quantize_compensations`; the checks
+(:func:`integer_op_report`, :func:`compare_onnx`) live in :mod:`qwt_core.onnx_check`. Command line:
+``python -m cls_repq_vit.export_onnx SAVED.pt OUT.onnx`` (a model saved by ``save_quantized``).
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Literal, Optional, Sequence
+from typing import Any, Callable, Literal, Optional
 
 import numpy as np
 import torch
@@ -56,6 +56,8 @@ from torch import nn
 
 from .attention import QuantViTAttention, QuantWindowAttention, mask_scores
 from .compensation import CompensatedBlock
+from .onnx_check import (FLOAT_OPS, INTEGER_OPS, ExportError, _Graph, compare_onnx,  # noqa: F401 (re-exported)
+                         integer_op_report)
 from .config import ExportConfig
 from .modules import QuantConv2d, QuantLayerMixin, QuantLinear, QuantMatMul
 from .quantizers import (LogSqrt2Quantizer, UniformQuantizer, _LazyQuantizer)
@@ -66,17 +68,9 @@ WeightDtype = Literal["auto", "int8"]
 #: largest |int8 weight| that u8×s8 kernels without VNNI add in int16 without saturating
 #: (2·255·64 = 32640 < 32767).
 SAFE_INT8 = 64
-#: onnxruntime op types that compute a matmul / conv with integer operands.
-INTEGER_OPS = ("QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
-               "QGemm", "QLinearConv", "ConvInteger", "QAttention")
-#: onnxruntime op types that compute a matmul / conv with float activations (MatMulNBits: weight-only).
-FLOAT_OPS = ("MatMul", "Gemm", "Conv", "FusedConv", "FusedGemm", "FusedMatMul", "ConvTranspose",
-             "MatMulNBits")
 OPSET = 18
 
 
-class ExportError(ValueError):
-    """A model that cannot be exported as it is; the message names the layer and the fix."""
 
 
 # ----------------------------------------------------------------------------- custom torch ops
@@ -770,64 +764,6 @@ def quantize_compensations(model: nn.Module, calib_images: torch.Tensor,
 
 
 # ----------------------------------------------------------------------------- ONNX graph edits
-class _Graph:
-    """Small index over an onnx GraphProto: producers, consumers, constants."""
-
-    def __init__(self, model) -> None:
-        import onnx
-        from onnx import numpy_helper
-        self.onnx, self.nh = onnx, numpy_helper
-        self.model = model
-        self.g = model.graph
-        self.reindex()
-
-    def reindex(self) -> None:
-        self.init = {t.name: t for t in self.g.initializer}
-        self.producer = {o: n for n in self.g.node for o in n.output}
-        self.consumers: dict[str, list] = {}
-        for n in self.g.node:
-            for i in n.input:
-                self.consumers.setdefault(i, []).append(n)
-        self.outputs = {o.name for o in self.g.output}
-
-    def const(self, name: str) -> Optional[np.ndarray]:
-        if name in self.init:
-            return self.nh.to_array(self.init[name])
-        node = self.producer.get(name)
-        if node is not None and node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value":
-                    return self.nh.to_array(a.t)
-        return None
-
-    def set_init(self, name: str, array: np.ndarray) -> None:
-        t = self.nh.from_array(array, name)
-        if name in self.init:
-            self.init[name].CopyFrom(t)
-        else:
-            self.g.initializer.append(t)
-            self.init[name] = self.g.initializer[-1]
-
-    def single_consumer(self, name: str):
-        cons = self.consumers.get(name, [])
-        return cons[0] if len(cons) == 1 and name not in self.outputs else None
-
-    def remove_dead(self) -> None:
-        """Drop nodes and initializers nothing reads (repeat until stable)."""
-        while True:
-            self.reindex()
-            needed = set(self.outputs)
-            for n in self.g.node:
-                needed.update(n.input)
-            keep = [n for n in self.g.node if any(o in needed for o in n.output)]
-            if len(keep) == len(self.g.node):
-                break
-            del self.g.node[:]
-            self.g.node.extend(keep)
-        dead = [t for t in self.g.initializer if t.name not in needed]
-        for t in dead:
-            self.g.initializer.remove(t)
-        self.reindex()
 
 
 def _requant_chain(g: _Graph, conv) -> tuple[Optional[Any], Optional[str]]:
@@ -1097,177 +1033,3 @@ def export_fp_onnx(model: nn.Module, example_input: torch.Tensor, path: str,
 
 
 # ----------------------------------------------------------------------------- onnxruntime
-def _session(path: str, threads: int = 2, optimized_path: Optional[str] = None):
-    try:
-        import onnxruntime as ort
-    except ImportError as exc:
-        raise ExportError(f"onnxruntime is not installed: pip install onnxruntime ({exc})") from None
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    if optimized_path:
-        so.optimized_model_filepath = optimized_path
-    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-
-
-def integer_op_report(path: str, plans: Optional[Sequence[LayerPlan]] = None, threads: int = 2,
-                      optimized_path: Optional[str] = None) -> dict[str, Any]:
-    """Load ``path`` in onnxruntime (all graph optimisations on), save the optimised graph and count
-    the matmul / conv ops it runs as integer and as float.
-
-    ``quantized_in_float`` lists float matmul / conv nodes that still read a dequantized integer
-    initializer: quantized layers onnxruntime did NOT turn into integer kernels (should be empty).
-    With ``plans`` each plan's ``ort_op`` is filled (the op that reads its integer weight).
-    """
-    import onnx
-    with tempfile.TemporaryDirectory() as tmp:
-        opt = optimized_path or os.path.join(tmp, "optimized.onnx")
-        _session(path, threads, opt)
-        g = _Graph(onnx.load(opt))
-    counts = Counter(n.op_type for n in g.g.node)
-    integer = {k: v for k, v in counts.items() if k in INTEGER_OPS}
-    floats = {k: v for k, v in counts.items() if k in FLOAT_OPS}
-    left = []
-    for n in g.g.node:
-        if n.op_type not in FLOAT_OPS:
-            continue
-        for i in n.input:
-            p = g.producer.get(i)
-            if p is not None and p.op_type == "DequantizeLinear" and p.input[0] in g.init:
-                left.append(f"{n.op_type}:{p.input[0]}")
-            elif n.op_type == "MatMulNBits" and i in g.init and i.endswith(".qwt_wint"):
-                left.append(f"{n.op_type}:{i}")
-    by_weight: dict[str, str] = {}
-    for n in g.g.node:
-        for i in n.input:
-            if i.endswith(".qwt_wint") or ".qwt_wint" in i:
-                by_weight.setdefault(i.split(".qwt_wint")[0], n.op_type)
-    if plans is not None:
-        for p in plans:
-            p.ort_op = by_weight.get(p.name)
-    return {"integer_ops": dict(integer), "float_ops": dict(floats), "quantized_in_float": left,
-            "all_ops": dict(counts)}
-
-
-def _ort_run(sess, x: torch.Tensor) -> np.ndarray:
-    name = sess.get_inputs()[0].name
-    return sess.run(None, {name: x.detach().cpu().float().numpy()})[0]
-
-
-def _batches(data) -> Iterable[tuple[torch.Tensor, Optional[torch.Tensor]]]:
-    if isinstance(data, torch.Tensor):
-        yield data, None
-        return
-    for item in data:
-        if isinstance(item, (tuple, list)):
-            yield item[0], item[1] if len(item) > 1 else None
-        else:
-            yield item, None
-
-
-def _logits(out) -> torch.Tensor:
-    """Logits of a classifier output (a tuple of heads is averaged, like timm's distilled DeiT)."""
-    if isinstance(out, (tuple, list)):
-        return sum(out) / len(out)
-    return out
-
-
-@torch.no_grad()
-def compare_onnx(path: str, reference: nn.Module, data, threads: int = 2, progress: bool = False,
-                 desc: str = "ORT vs fake-quant") -> dict[str, Any]:
-    """Run the ONNX model and its fake-quant ``reference`` on the same images and compare.
-
-    ``data``: an image tensor ``(B, 3, H, W)`` or an iterable of ``images`` / ``(images, labels)``.
-    Returns ``count``, ``identical`` (fraction of equal argmax predictions), ``max_rel_logit_diff``
-    (max over images of ``max|l_ort - l_ref| / max|l_ref|``), ``mean_rel_logit_diff`` and, when
-    labels are given, ``top1_onnx`` / ``top5_onnx`` / ``top1_reference`` / ``top5_reference`` (%).
-    """
-    from tqdm.auto import tqdm
-    sess = _session(path, threads)
-    reference = reference.eval()
-    device = next(reference.parameters()).device
-    n = same = labelled = 0
-    hits = {"top1_onnx": 0, "top5_onnx": 0, "top1_reference": 0, "top5_reference": 0}
-    rel_max = rel_sum = 0.0
-    for images, labels in tqdm(_batches(data), desc=desc, disable=not progress, leave=False):
-        lo = torch.from_numpy(_ort_run(sess, images)).double()
-        lr = _logits(reference(images.to(device))).detach().cpu().double()
-        rel = (lo - lr).abs().amax(1) / lr.abs().amax(1).clamp_min(1e-12)
-        rel_max = max(rel_max, float(rel.max()))
-        rel_sum += float(rel.sum())
-        same += int((lo.argmax(1) == lr.argmax(1)).sum())
-        n += len(lo)
-        if labels is not None:
-            labels = labels.cpu()
-            k = min(5, lo.shape[1])
-            for tag, logits in (("onnx", lo), ("reference", lr)):
-                top = logits.topk(k, dim=1).indices == labels[:, None]
-                hits[f"top1_{tag}"] += int(top[:, 0].sum())
-                hits[f"top5_{tag}"] += int(top.any(1).sum())
-            labelled += len(labels)
-    out: dict[str, Any] = {"count": n, "identical": same / max(n, 1), "max_rel_logit_diff": rel_max,
-                           "mean_rel_logit_diff": rel_sum / max(n, 1)}
-    if labelled:
-        out.update({k: 100.0 * v / labelled for k, v in hits.items()})
-    return out
-
-
-def evaluate_onnx(path: str, loader, reference: Optional[nn.Module] = None, threads: int = 2,
-                  progress: bool = True) -> dict[str, Any]:
-    """Top-1 / top-5 of the ONNX model on ``loader`` (``(images, labels)`` batches); with
-    ``reference`` also the fake-quant accuracy and the agreement of :func:`compare_onnx`."""
-    from tqdm.auto import tqdm
-    if reference is not None:
-        return compare_onnx(path, reference, loader, threads, progress, desc="eval ORT + fake-quant")
-    sess = _session(path, threads)
-    c1 = c5 = n = 0
-    for images, labels in tqdm(_batches(loader), desc="eval ORT", disable=not progress, leave=False):
-        logits = torch.from_numpy(_ort_run(sess, images))
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels.cpu()[:, None]
-        c1 += int(top[:, 0].sum())
-        c5 += int(top.any(1).sum())
-        n += len(labels)
-    return {"count": n, "top1_onnx": 100.0 * c1 / max(n, 1), "top5_onnx": 100.0 * c5 / max(n, 1)}
-
-
-def ort_latency(path: str, example_input: torch.Tensor, threads: int = 2, warmup: int = 2,
-                repeats: int = 10) -> dict[str, float]:
-    """Wall-clock latency of one onnxruntime run on ``example_input`` (seconds: median, min, mean)."""
-    sess = _session(path, threads)
-    x = {sess.get_inputs()[0].name: example_input.detach().cpu().float().numpy()}
-    return _time(lambda: sess.run(None, x), warmup, repeats)
-
-
-@torch.no_grad()
-def torch_latency(model: nn.Module, example_input: torch.Tensor, threads: int = 2, warmup: int = 2,
-                  repeats: int = 10) -> dict[str, float]:
-    """Wall-clock latency of ``model(example_input)`` in PyTorch with ``threads`` threads."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return _time(lambda: model(example_input), warmup, repeats)
-    finally:
-        torch.set_num_threads(old)
-
-
-def _time(fn: Callable[[], Any], warmup: int, repeats: int) -> dict[str, float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return {"median_s": float(np.median(times)), "min_s": float(np.min(times)),
-            "mean_s": float(np.mean(times)), "repeats": repeats}
-
-
-if __name__ == "__main__":
-    import sys
-
-    from qwt_core.export_cli import main
-
-    sys.exit(main())

@@ -118,6 +118,7 @@ def deploy_demo(seed: int, folder: str = OUT, setting: str = DEPLOY_SETTING,
 
         import qwt_core
         from cls_repq_vit.models import get_spec
+        from cls_repq_vit.export_onnx import ort_latency, torch_latency
         from qwt_core import export as qx
 
         w, a = parse_bits(setting)
@@ -144,10 +145,10 @@ def deploy_demo(seed: int, folder: str = OUT, setting: str = DEPLOY_SETTING,
         with torch.no_grad():
             fp_top1 = (fp(x_val).argmax(-1) == y_val).float().mean().item() * 100
         xb = x_val[:batch]
-        lat = {"pytorch_fp": qx.torch_latency(fp, xb, THREADS, repeats=20)["median_s"],
-               "pytorch_fake_quant": qx.torch_latency(qm.model, xb, THREADS, repeats=20)["median_s"],
-               "ort_fp": qx.ort_latency(fp_path, xb, THREADS, repeats=20)["median_s"],
-               "ort_int8": qx.ort_latency(int8_path, xb, THREADS, repeats=20)["median_s"]}
+        lat = {"pytorch_fp": torch_latency(fp, xb, THREADS, repeats=20)["median_s"],
+               "pytorch_fake_quant": torch_latency(qm.model, xb, THREADS, repeats=20)["median_s"],
+               "ort_fp": ort_latency(fp_path, xb, THREADS, repeats=20)["median_s"],
+               "ort_int8": ort_latency(int8_path, xb, THREADS, repeats=20)["median_s"]}
         out = {"seed": seed, "setting": setting, "integer_zero_point": True, "compensation": "fp32",
                "qwt_blocks_compensated": sum(1 for b in report.blocks if b.applied),
                "onnx": os.path.relpath(int8_path, folder), "onnx_fp": os.path.relpath(fp_path, folder),

@@ -347,7 +347,7 @@ def test_cli_onnx_flags_need_export(tmp_path, capsys):
 
 
 def test_module_entry_exports_saved_model(cli_run, tmp_path):
-    from qwt_core import export_cli
+    from cls_repq_vit import export_onnx as export_cli
     _, data_dir, _, saved = cli_run
     out = str(tmp_path / "saved.onnx")
     assert export_cli.main([saved, out, "--data_dir", data_dir, "--eval"]) == 0

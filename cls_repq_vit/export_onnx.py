@@ -1,4 +1,4 @@
-"""``python -m qwt_core.export SAVED.pt OUT.onnx``: export a saved quantized model to ONNX QDQ.
+"""``python -m cls_repq_vit.export_onnx SAVED.pt OUT.onnx``: export a saved quantized model to ONNX QDQ.
 
 The model file is one written by ``qwt_core.save_quantized`` (the classification scripts'
 ``--save_quantized``). It is rebuilt by ``--builder MODULE:FUNCTION`` (default
@@ -8,8 +8,8 @@ with ``--data_dir``, evaluated on ``val/`` next to the fake-quant model.
 
 Examples::
 
-    python -m qwt_core.export outputs/deit_s_w8a8.pt outputs/deit_s_w8a8.onnx
-    python -m qwt_core.export q.pt q.onnx --compensation int8 --data_dir /data/imagenet --eval --latency
+    python -m cls_repq_vit.export_onnx outputs/deit_s_w8a8.pt outputs/deit_s_w8a8.onnx
+    python -m cls_repq_vit.export_onnx q.pt q.onnx --compensation int8 --data_dir /data/imagenet --eval --latency
 """
 from __future__ import annotations
 
@@ -18,9 +18,65 @@ import importlib
 import json
 import os
 import sys
+import time
 from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
 import torch
+from torch import nn
+
+from qwt_core.onnx_check import _batches, _ort_run, _session, compare_onnx
+
+
+# ------------------------------------------------------------- evaluation and latency (task level)
+def evaluate_onnx(path: str, loader, reference: Optional[nn.Module] = None, threads: int = 2,
+                  progress: bool = True) -> dict[str, Any]:
+    """Top-1 / top-5 of the ONNX model on ``loader`` (``(images, labels)`` batches); with
+    ``reference`` also the fake-quant accuracy and the agreement of :func:`compare_onnx`."""
+    from tqdm.auto import tqdm
+    if reference is not None:
+        return compare_onnx(path, reference, loader, threads, progress, desc="eval ORT + fake-quant")
+    sess = _session(path, threads)
+    c1 = c5 = n = 0
+    for images, labels in tqdm(_batches(loader), desc="eval ORT", disable=not progress, leave=False):
+        logits = torch.from_numpy(_ort_run(sess, images))
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels.cpu()[:, None]
+        c1 += int(top[:, 0].sum())
+        c5 += int(top.any(1).sum())
+        n += len(labels)
+    return {"count": n, "top1_onnx": 100.0 * c1 / max(n, 1), "top5_onnx": 100.0 * c5 / max(n, 1)}
+
+
+def ort_latency(path: str, example_input: torch.Tensor, threads: int = 2, warmup: int = 2,
+                repeats: int = 10) -> dict[str, float]:
+    """Wall-clock latency of one onnxruntime run on ``example_input`` (seconds: median, min, mean)."""
+    sess = _session(path, threads)
+    x = {sess.get_inputs()[0].name: example_input.detach().cpu().float().numpy()}
+    return _time(lambda: sess.run(None, x), warmup, repeats)
+
+
+@torch.no_grad()
+def torch_latency(model: nn.Module, example_input: torch.Tensor, threads: int = 2, warmup: int = 2,
+                  repeats: int = 10) -> dict[str, float]:
+    """Wall-clock latency of ``model(example_input)`` in PyTorch with ``threads`` threads."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _time(lambda: model(example_input), warmup, repeats)
+    finally:
+        torch.set_num_threads(old)
+
+
+def _time(fn: Callable[[], Any], warmup: int, repeats: int) -> dict[str, float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return {"median_s": float(np.median(times)), "min_s": float(np.min(times)),
+            "mean_s": float(np.mean(times)), "repeats": repeats}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,7 +85,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m qwt_core.export", description=__doc__.splitlines()[0])
+    p = _Parser(prog="python -m cls_repq_vit.export_onnx", description=__doc__.splitlines()[0])
     p.add_argument("saved", help="quantized model file written by save_quantized / --save_quantized")
     p.add_argument("output", help="ONNX file to write (.onnx)")
     p.add_argument("--builder", default="cls_repq_vit.cli:load_saved",
@@ -98,7 +154,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.eval:
         from cls_repq_vit import data as cls_data
         val = cls_data.val_loader(args.data_dir, spec, img, args.batch_size, args.workers)
-        res = qx.evaluate_onnx(args.output, val, reference=rep.reference, threads=args.threads)
+        res = evaluate_onnx(args.output, val, reference=rep.reference, threads=args.threads)
         out["eval"] = res
         print(f"onnxruntime int8 top-1 {res['top1_onnx']:.2f} vs fake-quant {res['top1_reference']:.2f} "
               f"({res['count']} images); identical predictions {100 * res['identical']:.2f} %; "
@@ -106,7 +162,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.latency:
         out["latency"] = {}
         for b in sorted({1, args.batch_size}):
-            lat = qx.ort_latency(args.output, torch.randn(b, 3, img, img), threads=args.threads)
+            lat = ort_latency(args.output, torch.randn(b, 3, img, img), threads=args.threads)
             out["latency"][str(b)] = lat
             print(f"onnxruntime latency batch {b}: {1e3 * lat['median_s']:.1f} ms (median of "
                   f"{lat['repeats']}, {args.threads} threads)", flush=True)
