@@ -19,7 +19,7 @@ import torch
 pytest.importorskip("ultralytics")
 
 from benchmarks.shapes import write_yolo_dataset  # noqa: E402
-from qwt_core import QuantConv2d, set_quant_state  # noqa: E402
+from qwt_core.modules import QuantConv2d, set_quant_state  # noqa: E402
 from yolo_qwt import ptq  # noqa: E402
 from yolo_qwt.evaluate import calibration_images, check_dataset, validate  # noqa: E402
 from yolo_qwt.models import load_detector, yolov5_available  # noqa: E402

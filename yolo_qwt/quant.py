@@ -1,7 +1,7 @@
 """YOLO adapter: quantization placement, RepQ-ViT-style calibration, and QwT layer by layer.
 
 **Placement** (the zero-shot QAT paper's YOLO code, DFQ-YOLO §1): every ``nn.Conv2d`` of
-``model.model[1:-1]`` is a :class:`qwt_core.QuantConv2d` (weights per output channel, conv input
+``model.model[1:-1]`` is a :class:`qwt_core.modules.QuantConv2d` (weights per output channel, conv input
 per tensor, both RepQ-ViT percentile-MSE uniform quantizers); the stem ``model.model[0]`` (the image
 is never quantized) and the whole ``Detect`` head stay full precision. ``quantize_head=True`` also
 quantizes the head's convs, except YOLO11's DFL conv (a fixed integral over the box bins, not a
@@ -39,8 +39,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-import qwt_core
-from qwt_core import LayerBits, QuantConv2d, quantize_layers, validate_bits
+# qwt_core is imported by module path (independent of its top-level re-exports); the two
+# calls into it are calibrate_yolo (calibration) and _qwt_block (QwT).
+from qwt_core.calibrate import calibrate as repq_calibrate_model
+from qwt_core.modules import QuantConv2d
+from qwt_core.quantize import LayerBits, quantize_layers
+from qwt_core.quantizers import validate_bits
+from qwt_core.qwt import apply_qwt
 
 from .models import Detector
 
@@ -223,7 +228,7 @@ def calibrate_yolo(qy: QuantizedYolo, images: torch.Tensor) -> dict[str, Any]:
     Returns the calibration report as a dict."""
     model = qy.model
     model.eval()
-    report = qwt_core.calibrate(model, lambda: model(images), ln_pairs=None, warn=False)
+    report = repq_calibrate_model(model, lambda: model(images), ln_pairs=None, warn=False)
     return report.to_dict()
 
 
@@ -274,7 +279,7 @@ def _qwt_block(model: nn.Module, name: str, inputs: list[torch.Tensor], options:
     engine's warnings are collected into ``notes`` (one run per layer would repeat them)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        rep = qwt_core.apply_qwt(model, [name], inputs, lambda x: x, form="conv", progress=False,
+        rep = apply_qwt(model, [name], inputs, lambda x: x, form="conv", progress=False,
                                  **options)
     notes += [f"{name}: {w.message}" for w in caught]
     return rep
