@@ -89,13 +89,14 @@ def calibration_images(data: dict[str, Any], n: int, imgsz: int, seed: int = 0,
 
 def validate(model: nn.Module, data: str, imgsz: int = 640, batch: int = 16, conf: float = 0.001,
              iou: float = 0.7, device: str = "cpu", split: str = "val",
-             save_dir: Optional[str] = None, verbose: bool = False) -> dict[str, float]:
+             save_dir: Optional[str] = None, verbose: bool = False, progress: bool = False) -> dict[str, float]:
     """mAP50-95 / mAP50 of ``model`` on the ``split`` of the dataset yaml ``data``, computed by
     Ultralytics' ``DetectionValidator`` (its dataloader, letterbox, NMS and metrics).
 
     ``model``: an Ultralytics ``DetectionModel`` (quantized ones carry a no-op ``fuse``, so the
     validator measures them as calibrated) or any module with ``names`` / ``stride`` returning the
-    Ultralytics output layout (:class:`yolo_qwt.models.V5View`). Returns
+    Ultralytics output layout (:class:`yolo_qwt.models.V5View`). ``progress`` shows the validator's
+    own progress bar and summary line; ``verbose`` adds its per-class table. Returns
     ``{"map50_95", "map50", "precision", "recall", "images"}`` (mAPs in [0, 1]).
     """
     from ultralytics.models.yolo.detect import DetectionValidator
@@ -110,7 +111,7 @@ def validate(model: nn.Module, data: str, imgsz: int = 640, batch: int = 16, con
         from pathlib import Path
         v = DetectionValidator(args=args, save_dir=Path(save_dir))
         was_training = model.training
-        with (contextlib.nullcontext() if verbose else _quiet()):
+        with (contextlib.nullcontext() if (verbose or progress) else _quiet()):
             v(model=model)
         model.train(was_training)
         box = v.metrics.box

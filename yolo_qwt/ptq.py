@@ -105,7 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     images = images.to(device)
     ul_device = "cpu" if device.type == "cpu" else str(device.index or 0)
     val = lambda d: validate(d.for_validator(), args.data, imgsz=args.imgsz, batch=args.batch,  # noqa: E731
-                             device=ul_device, split=args.split)
+                             device=ul_device, split=args.split, progress=True)
     t0 = time.perf_counter()
     result: dict[str, Any] = {"model": det.describe(), "data": os.path.abspath(args.data),
                               "config": config.to_dict(), "imgsz": args.imgsz, "split": args.split,

@@ -319,7 +319,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     teacher = copy.deepcopy(det.model).eval()
     res = train(det, teacher, images, labels, cfg, os.path.join(args.out, "checkpoints"), resume=args.resume)
     ul_device = "cpu" if device.type == "cpu" else str(device.index or 0)
-    metrics = validate(res["ema"], args.data, imgsz=args.imgsz, device=ul_device)
+    metrics = validate(res["ema"], args.data, imgsz=args.imgsz, device=ul_device, progress=True)
     out = {"model": det.describe(), "config": cfg.to_dict(), "synthetic": args.synthetic, "qat": metrics,
            "seconds": res["seconds"], "iterations": res["iterations"],
            "seconds_per_iteration": res["seconds"] / max(1, len(res["history"])), "history": res["history"]}
