@@ -156,3 +156,36 @@ def test_synthetic_set_resumes_and_calibrates(tmp_path, capsys):
     (res,) = list(out.iterdir())
     r = json.loads(res.read_text())
     assert r["calibration"]["source"].startswith("synthetic") and "qwt" in r
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_synthesis_two_gloo_processes_equal_one(tmp_path):
+    """torchrun with 2 CPU processes makes the same set as one process (whole batches per rank)."""
+    import subprocess
+    import sys
+    from qwt_core.synth_io import load_synthetic_set
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root)
+    args = ["--model", "yolo11n.yaml", "--nc", "4", "--num-images", "4", "--batch", "2", "--iterations", "3",
+            "--imgsz", "64", "--label-batch", "2", "--label-iterations", "3", "--label-imgsz", "32"]
+    one = subprocess.run([sys.executable, "-m", "yolo_qwt.synth", *args, "--out", str(tmp_path / "one")],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={_free_port()}", "-m", "yolo_qwt.synth", *args,
+                          "--out", str(tmp_path / "two")],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a = load_synthetic_set(tmp_path / "one" / "images")
+    b = load_synthetic_set(tmp_path / "two" / "images")
+    shards = sorted(p[:9] for p in os.listdir(tmp_path / "two" / "images") if p.endswith(".pt"))
+    assert shards == ["synth_r00", "synth_r01"]
+    assert torch.equal(a.images(), b.images())
+    for i in range(4):
+        assert torch.equal(a[i]["target"]["bboxes"], b[i]["target"]["bboxes"])

@@ -290,10 +290,13 @@ def _labels_of(target: dict[str, torch.Tensor], side: int) -> Labels:
 
 def synthesize(det: Detector, out_dir: str, num_images: int, label_stage: SynthStage = LABEL_STAGE,
                image_stage: SynthStage = IMAGE_STAGE, seed: int = 0, rules: SamplerRules = SamplerRules(),
-               rank: int = 0, world_size: int = 1, progress: bool = True) -> str:
+               rank: int = 0, world_size: int = 1, progress: bool = True,
+               barrier: Optional[Any] = None) -> str:
     """Stage B (labels, ``out_dir/labels``) then stage C (images, ``out_dir/images``), each a
     resumable ``qwt_core.synth_io`` set; returns the image set's folder (load it with
-    :func:`load_images`)."""
+    :func:`load_images`). Several processes (``rank`` / ``world_size``, ``barrier`` = the process
+    group's barrier) each make their share of whole batches; every image comes from its own seed,
+    so the set equals a one-process run."""
     if det.family != "ultralytics":
         raise ModelSpecError("synthesis needs an Ultralytics model (v8 detection loss); the original "
                              "YOLOv5 (ComputeLoss) is not covered")
@@ -313,7 +316,10 @@ def synthesize(det: Detector, out_dir: str, num_images: int, label_stage: SynthS
     m1 = SynthManifest(hparams={"stage": label_stage.to_dict(), "rules": asdict(rules)},
                        label_source="adaptive-sampling", image_size=[label_stage.imgsz] * 2,
                        batch_size=label_stage.batch, **common)
-    synthesize_batches(label_dir, m1, label_batch, rank=rank, world_size=world_size, progress=progress)
+    synthesize_batches(label_dir, m1, label_batch, rank=rank, world_size=world_size, progress=progress,
+                       barrier=barrier)
+    if barrier is not None:
+        barrier()                      # rank 0 has merged the label set's manifest
     labels_set = load_synthetic_set(label_dir, expected_teacher={"checkpoint_sha256": teacher["checkpoint_sha256"]},
                                     task="detection", require_complete=False)
 
@@ -328,7 +334,10 @@ def synthesize(det: Detector, out_dir: str, num_images: int, label_stage: SynthS
     m2 = SynthManifest(hparams={"stage": image_stage.to_dict(), "labels_from": "labels/"},
                        label_source="adaptive-sampling", image_size=[image_stage.imgsz] * 2,
                        batch_size=image_stage.batch, **common)
-    synthesize_batches(image_dir, m2, image_batch, rank=rank, world_size=world_size, progress=progress)
+    synthesize_batches(image_dir, m2, image_batch, rank=rank, world_size=world_size, progress=progress,
+                       barrier=barrier)
+    if barrier is not None:
+        barrier()
     return image_dir
 
 
@@ -368,6 +377,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if getattr(args, name) < 1:
             print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
+    from qwt_core.distributed import destroy_distributed, init_distributed_from_env
+    rank, world, local = init_distributed_from_env(args.device)
+    torch.manual_seed(args.seed)       # a .yaml model gets the same random init on every rank
     try:
         det = load_detector(args.model, nc=args.nc)
         if det.family != "ultralytics":
@@ -375,11 +387,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ModelSpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    det.model.to(args.device)
-    folder = synthesize(det, args.out, args.num_images,
-                        LABEL_STAGE.scaled(args.label_iterations, args.label_imgsz, args.label_batch),
-                        IMAGE_STAGE.scaled(args.iterations, args.imgsz, args.batch), seed=args.seed)
-    print(f"synthetic set: {folder}")
+    device = torch.device(f"cuda:{local}" if args.device.startswith("cuda") and world > 1 else args.device)
+    det.model.to(device)
+    barrier = None
+    if world > 1:
+        import torch.distributed as dist
+        barrier = dist.barrier
+    try:
+        folder = synthesize(det, args.out, args.num_images,
+                            LABEL_STAGE.scaled(args.label_iterations, args.label_imgsz, args.label_batch),
+                            IMAGE_STAGE.scaled(args.iterations, args.imgsz, args.batch), seed=args.seed,
+                            rank=rank, world_size=world, progress=rank == 0, barrier=barrier)
+    finally:
+        destroy_distributed()
+    if rank == 0:
+        print(f"synthetic set: {folder}")
     return 0
 
 
