@@ -5,6 +5,7 @@ Real torchvision models (random init, 5 classes, BatchNorm statistics estimated 
 activations are in a realistic range) and a tiny COCO set written by ``benchmarks/shapes.py``.
 """
 import copy
+import math
 import json
 import os
 import subprocess
@@ -347,3 +348,89 @@ def test_synthesis_lowers_the_loss_and_round_trips(checkpoint, coco, tmp_path):
     s = ptq.main(["--checkpoint", checkpoint, "--coco-root", coco, "--calib-source", "synthetic", "--synth-dir", out,
                   "--calib_size", "2", "--calib_batch", "2", "--qwt", "--skip-fp", "--threads", "1"])
     assert s["calib_source"] == "synthetic" and set(s["ap"]) == {"ptq", "qwt"}
+
+
+# ------------------------------------------------------------------------- stage II (zero-shot QAT)
+from det_torchvision import zsqat  # noqa: E402
+from qwt_core.lsq import LSQQuantizer  # noqa: E402
+from qwt_core.synth_io import load_synthetic_set  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def synth_set(checkpoint, coco, tmp_path_factory):
+    model, _ = load_maskrcnn(checkpoint)
+    labels = synth.coco_labels(coco, "train2017", SIZE, max_images=4)
+    out = str(tmp_path_factory.mktemp("synth4"))
+    synth.synthesize(model, labels, out, SIZE, synth.dfq_resnet_config(iterations=2), batch_size=4,
+                     checkpoint=checkpoint, progress=False)
+    return out
+
+
+def _student(checkpoint, cfg):
+    teacher, _ = load_maskrcnn(checkpoint)
+    student = copy.deepcopy(teacher)
+    names = zsqat.quantize_lsq(student, cfg.w_bits, cfg.a_bits)
+    return teacher, student, names
+
+
+def test_zsqat_lowers_the_distillation_loss_and_leaves_the_teacher(checkpoint, synth_set, tmp_path):
+    # the random detector's L_det (~100) would dominate: the distillation terms alone here
+    cfg = zsqat.ZsqatConfig(w_bits=4, a_bits=4, epochs=3, batch_size=2, lr=1e-4, warmup_iters=0, seed=0, w_det=0.0)
+    teacher, student, names = _student(checkpoint, cfg)
+    assert names == detector_layer_names(teacher, "paper")
+    assert all(isinstance(student.get_submodule(n).weight_quantizer, LSQQuantizer) for n in names)
+    t_before = copy.deepcopy(teacher.state_dict())
+    data = zsqat.SyntheticBatches(load_synthetic_set(synth_set))
+    x, tg = data.get([0, 1, 2, 3], "cpu")
+    zsqat.init_lsq_steps(student, x)
+    q = student.get_submodule(names[0]).input_quantizer
+    x_in = []
+    h = student.get_submodule(names[0]).register_forward_pre_hook(lambda m, i: x_in.append(i[0]))
+    with torch.no_grad():
+        student.backbone(x)
+    h.remove()
+    torch.testing.assert_close(q.step.detach(), 2 * x_in[0].abs().mean() / (2 ** 3 - 1) ** 0.5)
+
+    def distill_loss():
+        with zsqat.DetectionKD(student, teacher, cfg) as kd, torch.no_grad():
+            student.eval()
+            torch.manual_seed(1)
+            zsqat.set_train_mode(student)
+            out = kd(x, tg)
+            student.eval()
+        return float(out["kd"] + out["mse"])
+
+    before = distill_loss()
+    steps_before = [p.detach().clone() for p in zsqat.learnable_step_parameters(student)]
+    w_before = student.get_submodule("backbone.body.layer2.0.conv1").weight.detach().clone()
+    frozen_w = student.get_submodule("backbone.body.layer1.0.conv1").weight.detach().clone()
+    hist = zsqat.train(student, teacher, data, cfg, str(tmp_path / "run"), progress=False)
+    assert len(hist) == 3 * 2 and all(math.isfinite(r["total"]) for r in hist)
+    after = distill_loss()
+    assert after < before
+    assert any(not torch.equal(a, b) for a, b in zip(steps_before, zsqat.learnable_step_parameters(student)))
+    assert not torch.equal(w_before, student.get_submodule("backbone.body.layer2.0.conv1").weight)
+    assert torch.equal(frozen_w, student.get_submodule("backbone.body.layer1.0.conv1").weight)
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, t_before[k]), k
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["epoch_0.pth", "epoch_1.pth", "epoch_2.pth"]
+
+
+def test_zsqat_resume_equals_an_uninterrupted_run(checkpoint, synth_set, tmp_path):
+    data = zsqat.SyntheticBatches(load_synthetic_set(synth_set))
+    cfg2 = zsqat.ZsqatConfig(w_bits=8, a_bits=8, epochs=2, batch_size=2, warmup_iters=1, seed=3)
+    teacher, straight, _ = _student(checkpoint, cfg2)
+    zsqat.train(straight, teacher, data, cfg2, str(tmp_path / "a"), progress=False)
+    cfg1 = zsqat.ZsqatConfig(**{**cfg2.__dict__, "epochs": 1})
+    teacher, part, _ = _student(checkpoint, cfg1)
+    zsqat.train(part, teacher, data, cfg1, str(tmp_path / "b"), progress=False)
+    teacher, resumed, _ = _student(checkpoint, cfg2)
+    hist = zsqat.train(resumed, teacher, data, cfg2, str(tmp_path / "b"), resume=True, progress=False)
+    assert [r["epoch"] for r in hist] == [0, 0, 1, 1]
+    sd_a, sd_b = straight.state_dict(), resumed.state_dict()
+    for k in sd_a:
+        assert torch.equal(sd_a[k], sd_b[k]), k
+    other = zsqat.ZsqatConfig(**{**cfg2.__dict__, "lr": 0.1})
+    teacher, s3, _ = _student(checkpoint, other)
+    with pytest.raises(ValueError, match="other settings"):
+        zsqat.train(s3, teacher, data, other, str(tmp_path / "b"), resume=True, progress=False)
