@@ -434,3 +434,24 @@ def test_zsqat_resume_equals_an_uninterrupted_run(checkpoint, synth_set, tmp_pat
     teacher, s3, _ = _student(checkpoint, other)
     with pytest.raises(ValueError, match="other settings"):
         zsqat.train(s3, teacher, data, other, str(tmp_path / "b"), resume=True, progress=False)
+
+
+def test_v2_checkpoint_round_trip_and_layer_set(tmp_path, coco):
+    kw = dict(min_size=SIZE, max_size=SIZE, rpn_post_nms_top_n_test=50, box_detections_per_img=10)
+    path = str(tmp_path / "v2.pth")
+    save_maskrcnn(build_maskrcnn("maskrcnn_resnet50_fpn_v2", num_classes=5, **kw), path,
+                  arch="maskrcnn_resnet50_fpn_v2", model_kwargs=kw)
+    model, info = load_maskrcnn(path)
+    assert info["arch"] == "maskrcnn_resnet50_fpn_v2"
+    with pytest.raises(CheckpointError, match="does not match maskrcnn_resnet50_fpn:"):
+        load_maskrcnn(path, "maskrcnn_resnet50_fpn")
+    names = detector_layer_names(model, "paper")
+    assert names == sorted(_paper_list(), key=[n for n, _ in model.named_modules()].index)
+    fp = copy.deepcopy(model)
+    qm = ptq.quantize_detector(model, 8, 8)
+    ptq.calibrate_detector(qm, _calib(coco, 2))
+    set_quant_state(model, False, False)
+    x = _calib(coco, 1)
+    with torch.no_grad():
+        a, b = fp.backbone(fp.transform(list(x))[0].tensors), model.backbone(model.transform(list(x))[0].tensors)
+    assert all(torch.equal(a[k], b[k]) for k in a)
