@@ -251,12 +251,13 @@ def _check_run_block(run_block: Any) -> None:
     if not callable(run_block):
         raise TypeError("run_block must be a callable (i, block, x, **block_kwargs) -> output tensor")
     try:
-        inspect.signature(run_block).bind(0, None, None)
-    except TypeError:
+        params = list(inspect.signature(run_block).parameters.values())
+    except (TypeError, ValueError):  # builtins without a signature
+        return
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) < 3 and not any(p.kind == p.VAR_POSITIONAL for p in params):
         raise TypeError("run_block must take (i, block, x, **block_kwargs) and return the block's output "
-                        f"tensor; its signature is {inspect.signature(run_block)}") from None
-    except ValueError:  # builtins without a signature
-        pass
+                        f"tensor; its signature is {inspect.signature(run_block)}")
 
 
 def _check_blocks(model: nn.Module, names: list[str]) -> None:
@@ -276,7 +277,7 @@ def _check_store_device(store_device: Any) -> None:
     if store_device is None:
         return
     try:
-        torch.empty(0, device=torch.device(store_device))
+        torch.zeros(1, device=torch.device(store_device)).cpu()  # a meta device holds no data
     except Exception as e:  # noqa: BLE001 - any device error becomes one line
         raise ValueError(f"store_device={store_device!r} cannot hold tensors here ({type(e).__name__}): "
                          "use 'cpu' or an available device") from None

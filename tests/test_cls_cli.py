@@ -292,16 +292,14 @@ def test_qwt_gate_flag_reaches_apply_qwt(data_dir, tmp_path):
 
 def test_qwt_gate_flag_overrides_resnet_recipe(data_dir):
     """ResNet keeps its published insample/λ 1e-3 unless a flag is given; --qwt_gate holdout → auto λ."""
-    from qwt_core.pipeline import qwt_options
-
     spec = get_spec("resnet18")
     qm = cli.quantize_model(spec.create({"num_classes": 3}), spec, 4, 4)
 
     def effective(*extra):
         args = cli.build_parser().parse_args(base_argv("resnet18", data_dir, os.devnull) + list(extra))
         cli.validate_args(args)
-        opts = qwt_options(qm, **args.qwt_options)
-        return opts["gate"], opts["ridge"]
+        cfg = qm.qwt_config.replace(**args.qwt_options)
+        return cfg.gate, 1e-3 if cfg.ridge == "paper" else cfg.ridge  # "paper": the conv form's λ
 
     assert effective() == ("insample", 1e-3)                      # the published recipe
     assert effective("--qwt_gate", "insample") == ("insample", 1e-3)
@@ -310,7 +308,7 @@ def test_qwt_gate_flag_overrides_resnet_recipe(data_dir):
     assert effective("--qwt_gate", "holdout", "--qwt_ridge", "0") == ("holdout", 0.0)
     args = cli.build_parser().parse_args(base_argv("resnet18", data_dir, os.devnull) + ["--qwt-solver", "eigh"])
     cli.validate_args(args)
-    assert qwt_options(qm, **args.qwt_options)["solver"] == "eigh"
+    assert qm.qwt_config.replace(**args.qwt_options).solver == "eigh"
 
 
 @pytest.mark.parametrize("extra,needle", [

@@ -287,8 +287,17 @@ def quantize_hf_model(model: nn.Module, w_bits: int, a_bits: int, kind: Kind = "
         pass
     qm = QuantizedModel(model=model, ln_pairs=ln_pairs, block_names=prefixes,
                         first_block_input=first_block_input, run_block=run_block, form="token",
-                        meta=meta)
+                        meta=meta, calibrator=_calibrator)
     return qm
+
+
+def _calibrator(qm: QuantizedModel, batch: dict[str, Any], ln_pairs: Any = "adapter", row_mask: Any = None,
+                integer_zero_point: bool = False):
+    """What :func:`qwt_core.calibrate` runs for this adapter: :func:`calibrate_hf` (padding masked)."""
+    if row_mask is not None:
+        raise ValueError("the Hugging Face adapter masks padding from the batch's attention_mask: "
+                         "leave row_mask None")
+    return calibrate_hf(qm, batch, ln_pairs=ln_pairs, integer_zero_point=integer_zero_point)
 
 
 def build_hf_from_meta(meta: dict[str, Any]) -> QuantizedModel:
