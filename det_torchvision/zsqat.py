@@ -23,8 +23,10 @@ warm-up from 0.001× over ``min(1000, iterations − 1)`` iterations, ×0.1 at e
 epochs; stem and layer1 weights frozen (torchvision's three trainable stages), every LSQ step
 trained. Not DFQ (§7.3): BatchNorm stays in eval mode in both networks, no early stopping or
 selection on the validation set (the last epoch is evaluated), batches reshuffled every epoch.
-Checkpoint every epoch (``--resume`` continues from the newest); under torchrun each rank takes a
-slice of every global batch and gradients are averaged, so N processes follow one process's run.
+Checkpoint every epoch (``--resume`` continues from the newest); under torchrun every rank
+initialises the LSQ steps on the whole first global batch, then takes a slice of every global batch;
+gradients are averaged and the LSQ gradient scale counts the global batch, so N processes follow one
+process's run (up to float rounding).
 """
 from __future__ import annotations
 
@@ -253,9 +255,11 @@ def train(student: nn.Module, teacher: nn.Module, data: SyntheticBatches, cfg: Z
     n_iter = len(data) // cfg.batch_size
     if n_iter < 1:
         raise ValueError(f"{len(data)} synthetic images are fewer than one batch of {cfg.batch_size}")
-    set_data_shards(student, world)
-    x0, _ = data.get(_rank_slice(epoch_batches(len(data), cfg.batch_size, 0, cfg.seed)[0]), device)
+    # LSQ init on the whole first global batch, on every rank: N processes start where one starts
+    set_data_shards(student, 1)
+    x0, _ = data.get(epoch_batches(len(data), cfg.batch_size, 0, cfg.seed)[0], device)
     init_lsq_steps(student, x0)
+    set_data_shards(student, world)  # LSQ gradient scale counts the whole global batch
     params = trainable_parameters(student)
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     history: list[dict[str, Any]] = []
