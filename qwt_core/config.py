@@ -31,7 +31,7 @@ RidgeSpec = Union[Literal["auto", "paper"], float]
 ActMode = Literal["reference8", "true"]
 Recipe = Literal["published", "folded"]
 Compensation = Literal["fp32", "int8"]
-WeightDtype = Literal["auto", "int8"]
+WeightDtype = Literal["auto", "int8", "portable"]
 
 C = TypeVar("C", bound="_Config")
 
@@ -221,7 +221,9 @@ class ExportConfig(_Config):
     Attributes:
         compensation: ``"fp32"`` (QwT compensation Linears stay float) or ``"int8"`` (W8A8 QDQ,
             calibrated on the ``calib_images`` given to ``export_onnx``).
-        weight_dtype: ``"auto"`` (exact on any x86 CPU) or ``"int8"``.
+        weight_dtype: ``"auto"`` (``"int8"`` where the exporting CPU has AVX-512 VNNI, AVX-VNNI or
+            AMX, else ``"portable"``), ``"int8"`` (full-range int8 weights: exact and fast on those
+            CPUs) or ``"portable"`` (int8 only within ±64, else uint8: exact on every x86 CPU).
         round_zero_points: round fractional activation zero points instead of refusing.
         dynamic_batch: batch dim symbolic in the graph.
         check: run onnxruntime on the written file and count its integer kernels.

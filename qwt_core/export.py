@@ -26,10 +26,12 @@ fit). :func:`export_onnx` reports, layer by layer, what runs integer and why not
 :func:`integer_op_report` checks it on the graph onnxruntime actually runs.
 
 Exactness on x86 without VNNI: onnxruntime's u8×s8 kernels add pairs of products in int16 and
-saturate when ``|w_int| > 64``. ``weight_dtype="auto"`` (default) therefore stores weights as int8
-only when every integer is within ±64 (W ≤ 6 bits, or a centred W7 channel) and as uint8 (u8×u8
-kernels, no saturation) otherwise, so the int8 model reproduces the fake-quant arithmetic on every
-CPU. ``weight_dtype="int8"`` uses int8 throughout (exact on VNNI / AMX machines only).
+saturate when ``|w_int| > 64``. ``weight_dtype="portable"`` therefore stores weights as int8 only
+when every integer is within ±64 (W ≤ 6 bits, or a centred W7 channel) and as uint8 (u8×u8 kernels,
+no saturation) otherwise, so the graph reproduces the fake-quant arithmetic on every x86 CPU.
+``weight_dtype="int8"`` uses int8 throughout (exact on CPUs with AVX-512 VNNI, AVX-VNNI or AMX, and
+faster there). ``weight_dtype="auto"`` (default) picks ``"int8"`` when the exporting CPU has one of
+those instructions and ``"portable"`` otherwise; the report records the choice and the flags.
 
 Public API: :func:`export_onnx`, :func:`export_fp_onnx`, :func:`quantize_compensations`; the checks
 (:func:`integer_op_report`, :func:`compare_onnx`) live in :mod:`qwt_core.onnx_check`. Command line:
@@ -56,14 +58,14 @@ from torch import nn
 
 from .attention import QuantViTAttention, QuantWindowAttention, mask_scores
 from .compensation import CompensatedBlock
-from .onnx_check import (FLOAT_OPS, INTEGER_OPS, ExportError, _Graph, compare_onnx,  # noqa: F401 (re-exported)
-                         integer_op_report)
+from .onnx_check import (FLOAT_OPS, INTEGER_OPS, VNNI_FLAGS, ExportError, _Graph,  # noqa: F401 (re-exported)
+                         compare_onnx, cpu_flags, has_vnni, integer_op_report)
 from .config import ExportConfig
 from .modules import QuantConv2d, QuantLayerMixin, QuantLinear, QuantMatMul
 from .quantizers import (LogSqrt2Quantizer, UniformQuantizer, _LazyQuantizer)
 
 Compensation = Literal["fp32", "int8"]
-WeightDtype = Literal["auto", "int8"]
+WeightDtype = Literal["auto", "int8", "portable"]
 
 #: largest |int8 weight| that u8×s8 kernels without VNNI add in int16 without saturating
 #: (2·255·64 = 32640 < 32767).
@@ -229,12 +231,12 @@ def linear_weight_storage(ints: torch.Tensor, weight_dtype: WeightDtype
                           ) -> Optional[tuple[torch.dtype, torch.Tensor]]:
     """``(dtype, zero point per output channel)`` holding the integers ``ints`` ``(C_out, ...)`` exactly.
 
-    The stored value is ``ints + zp``. ``auto``: int8 if every channel fits ``[-64, 64]`` (no u8×s8
-    saturation without VNNI; zero point 0 when the channel allows), else uint8 (u8×u8).
-    ``int8``: int8 ``[-128, 127]``. None when nothing fits.
+    The stored value is ``ints + zp``. ``portable`` (and ``auto`` at this level): int8 if every channel
+    fits ``[-64, 64]`` (no u8×s8 saturation without VNNI; zero point 0 when the channel allows), else
+    uint8 (u8×u8). ``int8``: int8 ``[-128, 127]``. None when nothing fits.
     """
     lo, hi = _channel_ranges(ints)
-    if weight_dtype == "auto":
+    if weight_dtype in ("auto", "portable"):
         options = [(torch.int8, -SAFE_INT8, SAFE_INT8, -128, 127), (torch.uint8, 0, 255, 0, 255)]
     else:
         options = [(torch.int8, -128, 127, -128, 127)]
@@ -252,7 +254,7 @@ def conv_weight_storage(ints: torch.Tensor, weight_dtype: WeightDtype) -> Option
     QLinearConv needs one zero point for all filters; the integers must fit ±64 (``auto``, no
     saturation without VNNI) or ±127 (``int8``; symmetric so a BatchNorm sign flip stays in range).
     """
-    bound = SAFE_INT8 if weight_dtype == "auto" else 127
+    bound = SAFE_INT8 if weight_dtype in ("auto", "portable") else 127
     return torch.int8 if int(ints.abs().max()) <= bound else None
 
 
@@ -520,6 +522,10 @@ class ExportReport:
     path: str
     compensation: str
     weight_dtype: str
+    #: the storage policy used: ``int8`` or ``portable`` (``auto`` resolved for this CPU)
+    weight_dtype_effective: str = ""
+    #: the exporting CPU's integer dot-product flags (what ``auto`` decided by)
+    cpu_flags: list[str] = field(default_factory=list)
     layers: list[LayerPlan] = field(default_factory=list)
     seconds: float = 0.0
     onnx_bytes: int = 0
@@ -537,8 +543,8 @@ class ExportReport:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly (without ``reference``)."""
-        d = {k: getattr(self, k) for k in ("path", "compensation", "weight_dtype", "seconds", "onnx_bytes",
-                                            "notes", "ort")}
+        d = {k: getattr(self, k) for k in ("path", "compensation", "weight_dtype", "weight_dtype_effective",
+                                            "cpu_flags", "seconds", "onnx_bytes", "notes", "ort")}
         d["layers"] = [asdict(p) for p in self.layers]
         d["integer_layers"] = len(self.integer_layers)
         d["float_layers"] = len(self.float_layers)
@@ -549,7 +555,7 @@ class ExportReport:
         kinds = Counter((p.kind, p.integer) for p in self.layers)
         parts = [f"{n} {k} {'integer' if i else 'float'}" for (k, i), n in sorted(kinds.items())]
         lines = [f"ONNX QDQ export -> {self.path} ({self.onnx_bytes / 1e6:.1f} MB, {self.seconds:.1f} s, "
-                 f"compensation {self.compensation}, weights {self.weight_dtype}): " + ", ".join(parts)]
+                 f"compensation {self.compensation}, weights {self.weight_dtype_effective or self.weight_dtype}): " + ", ".join(parts)]
         reasons = Counter(p.reason for p in self.layers if not p.integer and p.reason)
         for reason, n in reasons.most_common():
             lines.append(f"  float ({n}): {reason}")
@@ -648,7 +654,7 @@ def _plan_conv(name, layer, round_zp, weight_dtype) -> tuple[nn.Module, LayerPla
     if act is not None and ints is not None:
         dtype = conv_weight_storage(ints, weight_dtype)
         if dtype is None:
-            bound = SAFE_INT8 if weight_dtype == "auto" else 127
+            bound = SAFE_INT8 if weight_dtype in ("auto", "portable") else 127
             plan.reason = (f"QLinearConv needs one filter zero point; these W{plan.w_bits} per-channel "
                            f"asymmetric weights (|int| up to {int(ints.abs().max())} > {bound}) have no "
                            "exact int8 form")
@@ -694,8 +700,8 @@ def build_export_module(model: nn.Module, round_zero_points: bool = False,
     copied to the CPU first: the export layers build their tables and integer grids with CPU
     tensors). ``model`` is not modified.
     """
-    if weight_dtype not in ("auto", "int8"):
-        raise ExportError(f"weight_dtype={weight_dtype!r}: use 'auto' or 'int8'")
+    if weight_dtype not in ("auto", "int8", "portable"):
+        raise ExportError(f"weight_dtype={weight_dtype!r}: use 'auto', 'int8' or 'portable'")
     _check_supported(model)
     if any(t.device.type != "cpu" for t in itertools.chain(model.parameters(), model.buffers())):
         model = copy.deepcopy(model).cpu()
@@ -969,7 +975,9 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str,
                               "input quantizers (e.g. the RepQ-ViT calibration batch)")
         device = next(model.parameters()).device
         reference = quantize_compensations(model, calib_images.to(device))
-    export_model, plans = build_export_module(reference, round_zero_points, weight_dtype)
+    flags = cpu_flags()
+    effective = ("int8" if has_vnni(flags) else "portable") if weight_dtype == "auto" else weight_dtype
+    export_model, plans = build_export_module(reference, round_zero_points, effective)
     export_model = export_model.cpu()
     example = _example_for_trace(example_input.detach().cpu().float(), dynamic_batch)
     dynamic = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
@@ -989,6 +997,7 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str,
     _check_linears(g, plans)
     _finish_convs(g, plans, export_model)
     report = ExportReport(path=os.path.abspath(path), compensation=compensation, weight_dtype=weight_dtype,
+                          weight_dtype_effective=effective, cpu_flags=sorted(flags & set(VNNI_FLAGS)),
                           layers=plans, reference=reference)
     rounded = [p for p in plans if p.zero_point_rounded]
     if rounded:

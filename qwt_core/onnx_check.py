@@ -85,6 +85,28 @@ class _Graph:
         self.reindex()
 
 
+#: CPU flags with which onnxruntime's u8×s8 integer kernels accumulate without int16 saturation.
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu_flags() -> set[str]:
+    """The flags of this CPU (``/proc/cpuinfo``; empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def has_vnni(flags: Optional[set[str]] = None) -> bool:
+    """True if this CPU (or ``flags``) has an integer dot-product instruction onnxruntime uses
+    (AVX-512 VNNI, AVX-VNNI or AMX-INT8): int8 weights over the full range are exact there."""
+    return bool((cpu_flags() if flags is None else flags) & set(VNNI_FLAGS))
+
+
 def _session(path: str, threads: int = 2, optimized_path: Optional[str] = None):
     try:
         import onnxruntime as ort
