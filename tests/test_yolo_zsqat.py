@@ -115,3 +115,16 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
         assert rc == 2 and len(err) == 1 and err[0].startswith("error:"), err
         assert needle in err[0], err
         assert not out.exists()
+
+
+def test_frozen_bn_keeps_the_running_statistics(tmp_path):
+    det = load_detector("yolo11n.yaml", nc=4)
+    teacher = copy.deepcopy(det.model)
+    x, labels = _data(4)
+    bn_before = det.model.model[2].cv1.bn.running_mean.clone()
+    cfg = ZsqatConfig(w_bits=4, a_bits=8, epochs=1, batch=4, lr=1e-3, warmup_iters=1, bn="frozen")
+    train(det, teacher, x, labels, cfg, str(tmp_path / "qat"), progress=False)
+    assert torch.equal(det.model.model[2].cv1.bn.running_mean, bn_before)
+    assert not torch.equal(det.model.model[2].cv1.bn.weight, teacher.model[2].cv1.bn.weight)  # affine trained
+    with pytest.raises(ValueError):
+        ZsqatConfig(bn="folded")

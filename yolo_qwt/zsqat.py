@@ -4,7 +4,8 @@
   each quantized conv with per-tensor symmetric signed LSQ steps for its weight and its input
   (``qwt_core.lsq.LSQQuantizer``, init ``2·mean|x|/√Q_P`` from one eval-mode forward of the first
   synthetic batch); BatchNorm **unfolded** and in train mode (batch statistics, running stats
-  updated on the synthetic data, as the paper does).
+  updated on the synthetic data, as the paper does; ``bn="frozen"`` keeps the FP running
+  statistics instead, which a small or short synthetic set needs: see docs/yolo.md).
 * **Loss**: ``0.01·L_det + 0.1·L_KL + 1.0·L_MSE`` (kd.json): ``L_det`` Ultralytics' v8 loss on the
   synthetic labels (× batch); ``L_KL`` per pyramid level, ``τ²·KL(softmax(t/τ) ‖ softmax(s/τ))`` over
   the flattened (64 box-bin + nc class) logits of all positions of the level, ``τ = 4``, summed over
@@ -66,7 +67,14 @@ class ZsqatConfig:
     ema_decay: float = 0.9999
     ema_tau: int = 2000
     quantize_head: bool = False
+    #: "train" (the paper: batch statistics, running statistics updated on the synthetic images) or
+    #: "frozen" (BatchNorm in eval mode: the FP running statistics are kept; affine still trained)
+    bn: str = "train"
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.bn not in ("train", "frozen"):
+            raise ValueError(f"bn={self.bn!r}: use 'train' (the paper) or 'frozen'")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -229,6 +237,10 @@ def train(det: Detector, teacher: nn.Module, images: torch.Tensor, labels: Seque
     try:
         for epoch in range(start, cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)):
             student.train()
+            if cfg.bn == "frozen":
+                for m in student.modules():
+                    if isinstance(m, nn.BatchNorm2d):
+                        m.eval()
             order = _epoch_order(n, cfg.seed, epoch)
             bar = tqdm(range(per_epoch), desc=f"QAT epoch {epoch + 1}/{cfg.epochs}", disable=not progress)
             for k in bar:
@@ -294,6 +306,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--epochs", type=int, default=ZsqatConfig.epochs)
     p.add_argument("--batch", type=int, default=ZsqatConfig.batch)
     p.add_argument("--lr", type=float, default=ZsqatConfig.lr)
+    p.add_argument("--bn", choices=("train", "frozen"), default="train",
+                   help="BatchNorm in train mode (the paper) or frozen at the FP running statistics")
     p.add_argument("--imgsz", type=int, default=640, help="evaluation size")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -313,7 +327,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     cfg = ZsqatConfig(w_bits=args.w_bits, a_bits=args.a_bits, epochs=args.epochs, batch=args.batch, lr=args.lr,
-                      seed=args.seed)
+                      bn=args.bn, seed=args.seed)
     device = torch.device(args.device)
     det.model.to(device)
     teacher = copy.deepcopy(det.model).eval()
