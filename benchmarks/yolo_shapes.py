@@ -205,6 +205,7 @@ def measure(args: argparse.Namespace, data_yaml: str, ckpt: str, train_seconds: 
     from yolo_qwt.quant import YoloQuantConfig, calibrate_yolo, compensate_yolo, quantize_yolo
 
     data = check_dataset(data_yaml)
+    host = machine()                   # before anything can change the thread count
     calib = calibration_images(data, max(args.calib, args.qwt_images), args.imgsz, seed=args.seed)
     base = load_detector(ckpt)
     val = lambda det: validate(det.for_validator(), data_yaml, imgsz=args.imgsz, batch=32)  # noqa: E731
@@ -263,7 +264,8 @@ def measure(args: argparse.Namespace, data_yaml: str, ckpt: str, train_seconds: 
                         "seed": args.seed},
         "metric": "Ultralytics DetectionValidator on the val split (conf 0.001, IoU 0.7)",
         "bn_mean_qwt_map50_95": mean_qwt, "bn_better": best_bn,
-        "fp": fp, "runs": runs, "synthetic": synthetic, "seconds": time.perf_counter() - t0, "machine": machine(),
+        "fp": fp, "runs": runs, "synthetic": synthetic, "seconds": time.perf_counter() - t0,
+        "machine": {**host, "threads_at_end": torch.get_num_threads()},
     }
     path = os.path.join(args.results, "yolo_shapes.json")
     with open(path, "w") as f:

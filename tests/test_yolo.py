@@ -179,7 +179,10 @@ def test_validator_runs_without_refolding(dataset):
     with torch.no_grad():
         assert torch.equal(run(images[:2])[0], y0)
     state = {k: v.clone() for k, v in det.model.state_dict().items()}
+    torch.set_num_threads(3)       # Ultralytics' device selection would reset this; validate restores it
     metrics = validate(det.for_validator(), yaml_path, imgsz=IMGSZ, batch=8)
+    assert torch.get_num_threads() == 3
+    torch.set_num_threads(1)
     assert set(metrics) >= {"map50_95", "map50"} and metrics["images"] == 8
     assert 0.0 <= metrics["map50_95"] <= metrics["map50"] <= 1.0
     after = det.model.state_dict()

@@ -107,6 +107,7 @@ def validate(model: nn.Module, data: str, imgsz: int = 640, batch: int = 16, con
     args = dict(data=data, imgsz=imgsz, batch=batch, conf=conf, iou=iou, device=device, split=split,
                 plots=False, save_json=False, save_txt=False, verbose=verbose, workers=0, rect=False,
                 channels_last=False, mode="val", task="detect")
+    threads = torch.get_num_threads()   # Ultralytics' device selection resets it to min(8, cores - 1)
     try:
         from pathlib import Path
         v = DetectionValidator(args=args, save_dir=Path(save_dir))
@@ -118,6 +119,7 @@ def validate(model: nn.Module, data: str, imgsz: int = 640, batch: int = 16, con
         return {"map50_95": float(box.map), "map50": float(box.map50), "precision": float(box.mp),
                 "recall": float(box.mr), "images": int(v.seen)}
     finally:
+        torch.set_num_threads(threads)
         if tmp is not None:
             tmp.cleanup()
 
