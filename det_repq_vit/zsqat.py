@@ -372,12 +372,27 @@ def _reduce_mean(values: list[float], device: Any) -> list[float]:
     return (t / get_world_size()).tolist()
 
 
+def _global_batch(indices: Sequence[int]) -> list[int]:
+    """The synthetic images of this iteration on every rank, in rank order (the global batch)."""
+    if not is_dist():
+        return [int(i) for i in indices]
+    parts: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(parts, [int(i) for i in indices])
+    return [i for part in parts for i in part]
+
+
+def lsq_init_steps(model: nn.Module) -> dict[str, float]:
+    """``{quantizer name: step}`` of every LSQ quantizer (right after :func:`init_lsq_steps`: the
+    all-reduced initial statistics)."""
+    return {n: float(m.step.detach()) for n, m in model.named_modules() if isinstance(m, LSQQuantizer)}
+
+
 def train_epoch(student: nn.Module, distiller: DetectionDistiller, data: SyntheticDetectionData,
                 params: Sequence[torch.Tensor], opt: torch.optim.Optimizer,
                 sched: torch.optim.lr_scheduler.LambdaLR, scaler: Any, cfg: ZsqatConfig, epoch: int,
                 start_iter: int, device: Any, progress: bool = True) -> list[dict[str, Any]]:
-    """One epoch; returns one history row per iteration ``{"iter", "epoch", "lr", "total", "det",
-    "kl", "mse", "det/..."}`` (losses averaged over ranks)."""
+    """One epoch; returns one history row per iteration ``{"iter", "epoch", "lr", "images", "total",
+    "det", "kl", "mse", "det/..."}`` (losses averaged over ranks; ``images``: the global batch)."""
     rank = get_rank()
     seed_epoch(cfg.seed, epoch, rank)
     student.train()
@@ -396,7 +411,8 @@ def train_epoch(student: nn.Module, distiller: DetectionDistiller, data: Synthet
         sched.step()
         keys = sorted(losses)
         vals = _reduce_mean([float(losses[key].detach()) for key in keys], device)
-        row = {"iter": start_iter + k + 1, "epoch": epoch, "lr": lr, **dict(zip(keys, vals))}
+        row = {"iter": start_iter + k + 1, "epoch": epoch, "lr": lr, "images": _global_batch(idx),
+               **dict(zip(keys, vals))}
         if not all(math.isfinite(row[key]) for key in ("total", "det", "kl", "mse")):
             raise FloatingPointError(f"non-finite loss at iteration {row['iter']}: "
                                      f"{ {key: row[key] for key in ('det', 'kl', 'mse')} }")

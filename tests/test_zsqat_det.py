@@ -185,10 +185,35 @@ def test_resume_from_epoch_1_equals_uninterrupted(dfq_run, det_setup, det_synth,
     assert any(not torch.equal(e1[k], a["model"][k]) for k in a["model"] if k.endswith(".step"))
 
 
+def _updates(after: dict, before: dict, keys: list[str]) -> torch.Tensor:
+    """What training changed in ``keys``, flattened into one vector."""
+    return torch.cat([(after[k].double() - before[k].double()).flatten() for k in keys])
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+
+
+def _weight_grid(state: dict, prefix: str) -> torch.Tensor:
+    """Integer grid indices of a layer's LSQ-quantized weight: ``clamp(round(w / s), -Q_N, Q_P)``."""
+    w, s = state[prefix + ".weight"], state[prefix + ".weight_quantizer.step"]
+    return torch.round(w / s).clamp(-(2 ** 3), 2 ** 3 - 1)  # W4 (signed LSQ): Q_N = 8, Q_P = 7
+
+
 def test_two_gloo_processes_equal_one(det_setup, det_synth, tmp_path):
-    """dist_zsqat.sh with 2 CPU processes x 1 image equals one process x 2 images: same losses every
-    iteration, same LSQ steps and weights after training (the detection loss is off: mmdet samples
-    proposals at random and normalises per process); the ranks agree exactly."""
+    """dist_zsqat.sh with 2 CPU processes x 1 image against one process x 2 images (the detection loss
+    is off: mmdet samples proposals at random and normalises per process).
+
+    Exact, on every CPU: the global batch of every iteration, the rank spreads of the LSQ
+    initialisation, steps and weights (the ranks agree bit for bit), and the initial steps that do
+    not depend on batch-size-dependent kernels (every weight quantizer, and the input quantizer of
+    the layer that reads the images). The rest differs by float rounding: conv / matmul kernels that
+    depend on the batch size (1 image per process against 2) move a few activations across a
+    rounding boundary, i.e. by exactly one quantization step, and that step propagates. So trained
+    values are compared within one quantization step: every weight's grid index within one step of
+    the other run's and at least 99 % identical; the losses, a mean over the quantized activations,
+    within 1 % (KL, a difference of nearly equal distributions, 5 %); and what training changed
+    points the same way (cosine >= 0.99; a run on other data gives about 0.5: the negative control)."""
     from det_repq_vit.tools import zsqat as cli
 
     out = tmp_path / "dist.json"
@@ -205,22 +230,44 @@ def test_two_gloo_processes_equal_one(det_setup, det_synth, tmp_path):
     assert two["step_rank_spread"] == 0.0 and two["param_rank_spread"] == 0.0
     one = cli.main(_argv(det_setup, det_synth, tmp_path / "work1", *common))
     assert one["world_size"] == 1 and one["global_batch"] == 2
-    # float rounding (all-reduced sums) moves a few values across a rounding boundary: the MSE (~3e-2)
-    # agrees to 1e-5, the tiny KL (~1e-5, a difference of nearly equal distributions) to 1 %
+    # exact: the data of every iteration, and the initial steps computed from identical tensors
+    assert [r["images"] for r in one["history"]] == [r["images"] for r in two["history"]]
+    init1, init2 = one["lsq_init_steps"], two["lsq_init_steps"]
+    assert set(init1) == set(init2) and init1
+    exact = [k for k in init1 if k.endswith("weight_quantizer") or k.startswith("backbone.patch_embed.")]
+    assert any(k.endswith("input_quantizer") for k in exact)
+    assert {k: init2[k] for k in exact} == {k: init1[k] for k in exact}
+    for k in init1:
+        assert init2[k] == pytest.approx(init1[k], rel=1e-2), k
     for a, b in zip(one["history"], two["history"]):
-        assert b["mse"] == pytest.approx(a["mse"], rel=1e-5) and b["kl"] == pytest.approx(a["kl"], rel=1e-2)
+        assert b["mse"] == pytest.approx(a["mse"], rel=1e-2) and b["kl"] == pytest.approx(a["kl"], rel=5e-2)
     sa = torch.load(tmp_path / "work1" / "epoch_1.pth", weights_only=True)["model"]
     sb = torch.load(tmp_path / "work2" / "epoch_1.pth", weights_only=True)["model"]
     assert set(sa) == set(sb)
-    steps = [k for k in sa if k.endswith(".step")]
-    assert steps
-    for k in sa:
-        torch.testing.assert_close(sb[k], sa[k], rtol=1e-4, atol=1e-7, msg=k)
-    fp = torch.load(det_setup[1], weights_only=True)["state_dict"]  # training moved the weights
-    moved = [float((sa[k] - fp[k]).abs().max()) for k in fp if k.startswith("backbone.") and k.endswith("weight")]
+    fp = torch.load(det_setup[1], weights_only=True)["state_dict"]
+    weights = [k for k in fp if k.startswith("backbone.") and k.endswith("weight") and k in sa]
+    moved = [float((sa[k] - fp[k]).abs().max()) for k in weights]  # training moved the weights
     assert max(moved) > 1e-5, max(moved)
-
-
+    layers = sorted(k[:-len(".weight_quantizer.step")] for k in sa if k.endswith(".weight_quantizer.step"))
+    assert layers
+    for layer in layers:
+        qa, qb = _weight_grid(sa, layer), _weight_grid(sb, layer)
+        assert int((qa - qb).abs().max()) <= 1, layer
+        assert float((qa != qb).double().mean()) <= 0.01, layer
+    steps = [k for k in sa if k.endswith(".step")]
+    upd_a, upd_b = _updates(sa, fp, weights), _updates(sb, fp, weights)
+    assert _cosine(upd_a, upd_b) >= 0.99
+    init_steps = {k + ".step": v for k, v in init1.items()}
+    step_a = torch.tensor([float(sa[k]) - init_steps[k] for k in steps], dtype=torch.float64)
+    step_b = torch.tensor([float(sb[k]) - init_steps[k] for k in steps], dtype=torch.float64)
+    assert _cosine(step_a, step_b) >= 0.99
+    # negative control: one process on one image per iteration (other data) trains differently,
+    # and these comparisons see it
+    argv3 = _argv(det_setup, det_synth, tmp_path / "work3", *common)
+    argv3[argv3.index("--batch-size") + 1] = "1"
+    cli.main(argv3)
+    sc = torch.load(tmp_path / "work3" / "epoch_1.pth", weights_only=True)["model"]
+    assert _cosine(upd_a, _updates(sc, fp, weights)) < 0.99
 def test_repq_mode_calibrate_qat_qwt_evaluate(det_setup, det_synth, tmp_path):
     from det_repq_vit.tools import zsqat as cli
 

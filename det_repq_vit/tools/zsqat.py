@@ -218,6 +218,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     synth_size = _synth_size(calib.pipeline) if args.synth_size is None else (args.synth_size or None)
     qm = None
     init_spread = 0.0
+    init_steps: dict[str, float] = {}
     t0 = time.perf_counter()
     if args.mode == "dfq":
         quantized = Z.quantize_backbone_lsq(student, args.w_bits, args.a_bits)
@@ -225,6 +226,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         if not resume:
             Z.init_lsq_steps(student, first["inputs"])
             init_spread = Z.rank_spread(Z.step_parameters(student))
+            init_steps = Z.lsq_init_steps(student)
     else:
         from det_repq_vit.ptq import calibrate_detector_repq, quantize_detector
         from qwt_core.lsq import make_steps_learnable
@@ -324,6 +326,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "quantized": ("backbone Linears + patch-embed conv (LSQ, per tensor, symmetric)" if args.mode == "dfq"
                       else "every Conv2d/Linear + attention matmuls (RepQ-ViT, learnable steps)"),
         "steps": Z.step_statistics(student), "lsq_init_rank_spread": init_spread,
+        "lsq_init_steps": init_steps,
         "step_rank_spread": step_spread, "param_rank_spread": param_spread,
         "history": history, "epochs": Z.epoch_summary(history),
         "results": evals, "ap": ap, "reported": "last epoch",
