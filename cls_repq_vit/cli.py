@@ -92,7 +92,8 @@ def build_parser(choices: Optional[list[str]] = None, description: str = "") -> 
                                       "λ 1e-3 for the published ResNet recipe; insample reproduces the papers")
     add_speed_arguments(p, compile_model=True)
     p.add_argument("--eval_fp", action="store_true", help="also evaluate the full-precision model")
-    p.add_argument("--skip_qwt", action="store_true", help="stop after the baseline quantization")
+    p.add_argument("--skip_qwt", "--skip-qwt", "--no_qwt", "--no-qwt", dest="skip_qwt", action="store_true",
+                   help="stop after the baseline quantization")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cuda:N or cpu")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration subset and torch")
     p.add_argument("--calib_source", "--calib-source", dest="calib_source", choices=["real", "synthetic"],

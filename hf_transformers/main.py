@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="QwT ridge λ: 'auto' (holdout gate only) or a number >= 0; default: 'auto' with "
                         "the holdout gate, 0 with insample")
     add_solver_argument(p)
-    p.add_argument("--no-qwt", "--no_qwt", dest="no_qwt", action="store_true",
+    p.add_argument("--no-qwt", "--no_qwt", "--skip_qwt", "--skip-qwt", dest="no_qwt", action="store_true",
                    help="stop after the baseline (no QwT)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0)
@@ -217,7 +217,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         qwt_kwargs = qwt_overrides(args.gate, getattr(args, "qwt_ridge", None), solver=args.qwt_solver)
     except ValueError as exc:
-        raise CLIError(str(exc).replace("--qwt_gate", "--gate")) from None
+        raise CLIError(str(exc)) from None
     if args.load_quantized and args.save_quantized:
         raise CLIError("--load_quantized and --save_quantized together: pick one")
     if args.load_quantized and not os.path.isfile(args.load_quantized):

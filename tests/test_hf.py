@@ -395,7 +395,7 @@ def test_cli_compile_model_evaluates_through_torch_compile(assets, tmp_path, mon
     (["--calib-size", "1000"], "has 96 texts, 1000 were asked for"),
     (["--w_bits", "1"], "w_bits=1 is not supported"),
     (["--save_quantized", "a.pt", "--load_quantized", "b.pt"], "--load_quantized and --save_quantized together: pick one"),
-    (["--qwt_gate", "insample", "--qwt_ridge", "auto"], "needs --gate holdout"),
+    (["--qwt_gate", "insample", "--qwt_ridge", "auto"], "needs --qwt_gate holdout"),
 ])
 def test_cli_errors_are_one_line(assets, capsys, monkeypatch, tmp_path, extra, message):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
