@@ -272,7 +272,7 @@ def measure(args: argparse.Namespace, data_yaml: str, ckpt: str, train_seconds: 
         json.dump(result, f, indent=1)
     from qwt_core.plotting import plot_summary
     panels = {f"{r['config']['label']} (BN {r['config']['bn']}): per-layer error": [
-        l for l in r["qwt_report"]["layers"] if l["r2"] is not None]
+        layer for layer in r["qwt_report"]["layers"] if layer["r2"] is not None]
         for r in runs if r["config"]["label"] in ("W4A8", "W4A4") and r["config"]["bn"] == best_bn}
     plot_summary(rows, panels, os.path.join(args.results, "yolo_shapes.png"),
                  f"yolo11n on shapes ({args.imgsz} px): PTQ vs PTQ + QwT, real calibration, BN {best_bn}",

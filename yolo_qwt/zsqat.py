@@ -27,7 +27,6 @@ import copy
 import glob
 import math
 import os
-import re
 import time
 import types
 from dataclasses import asdict, dataclass
