@@ -250,3 +250,41 @@ def test_cli_end_to_end_writes_one_json(dataset, tmp_path):
     assert {"fp", "ptq", "qwt", "config", "qwt_report", "quantization"} <= set(r)
     assert r["config"]["label"] == "W4A8" and r["quantization"]["quantized_convs"] == 62
     assert len(r["qwt_report"]["layers"]) == 24
+
+
+@pytest.mark.skipif(not yolov5_available(), reason="original YOLOv5 model code not installed")
+def test_yolov5_checkpoint_in_the_original_repository_layout(dataset, tmp_path):
+    """ultralytics/yolov5 checkpoints pickle ``models.yolo.DetectionModel`` (the repository layout,
+    not the package's): such a file loads as the original YOLOv5."""
+    import inspect
+    import sys as _sys
+    import yolov5.models.common as common
+    import yolov5.models.experimental as experimental
+    import yolov5.models.yolo as yolo
+    _, data, images = dataset
+    det = warm_detector("yolov5n.yaml", data, images)
+    renamed = []
+    mods = {"models": _sys.modules.get("models")}
+    try:   # write the checkpoint as the original repository would
+        _sys.modules["models"] = _sys.modules["yolov5.models"]
+        for short, mod in (("yolo", yolo), ("common", common), ("experimental", experimental)):
+            mods[f"models.{short}"] = _sys.modules.get(f"models.{short}")
+            _sys.modules[f"models.{short}"] = mod
+            for _, cls in inspect.getmembers(mod, inspect.isclass):
+                if cls.__module__ == mod.__name__:
+                    renamed.append((cls, cls.__module__))
+                    cls.__module__ = f"models.{short}"
+        torch.save({"model": det.model, "epoch": -1}, tmp_path / "yolov5n_repo.pt")
+    finally:
+        for cls, name in renamed:
+            cls.__module__ = name
+        for k, v in mods.items():
+            if v is None:
+                _sys.modules.pop(k, None)
+            else:
+                _sys.modules[k] = v
+    assert "models" not in _sys.modules or _sys.modules["models"] is not _sys.modules["yolov5.models"]
+    loaded = load_detector(str(tmp_path / "yolov5n_repo.pt"))
+    assert loaded.family == "yolov5" and len(loaded.names) == 4
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(images[:2])[0], det.model(images[:2])[0])
