@@ -281,11 +281,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["saved_w_bits"], result["saved_a_bits"] = meta["w_bits"], meta["a_bits"]
         print(f"loaded {args.load_quantized}: {result['metric']} = {result['quantized']:.4f}")
     else:
-        qm = hf_adapter.quantize_hf_model(model, args.w_bits, args.a_bits, kind=kind, source=args.model)
+        qm = qwt_core.quantize(model, qwt_core.QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, kind=kind),
+                               adapter="hf")
+        qm.meta["source"] = args.model
         calib_batches = make_batches(tokenizer, calib_texts, args.batch_size, args.max_length)
         repq_batch = make_batches(tokenizer, calib_texts[:args.repq_size], args.repq_size,
                                   args.max_length)[0]
-        report = hf_adapter.calibrate_hf(qm, repq_batch)
+        report = qwt_core.calibrate(qm, repq_batch)
         print(report.format_summary())
         result["calibration"] = report.to_dict()
         result["calib_texts"] = len(calib_texts)

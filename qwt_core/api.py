@@ -333,4 +333,5 @@ def compensate(qm: QuantizedModel, batches: Any, config: Optional[QwTConfig] = N
                        run_block=qm.run_block, form=qm.form, store_device=store_device, progress=progress,
                        **config.engine_kwargs())
     report.config = config.to_dict()
+    qm.meta["qwt_config"] = report.config  # saved with the model (save_quantized(qm.model, path, qm.meta))
     return report
