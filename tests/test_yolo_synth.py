@@ -189,3 +189,27 @@ def test_synthesis_two_gloo_processes_equal_one(tmp_path):
     assert torch.equal(a.images(), b.images())
     for i in range(4):
         assert torch.equal(a[i]["target"]["bboxes"], b[i]["target"]["bboxes"])
+
+
+@pytest.mark.skipif(not __import__("yolo_qwt.models", fromlist=["x"]).yolov5_available(),
+                    reason="original YOLOv5 model code not installed")
+def test_yolov5_loss_and_a_short_clipped_synthesis():
+    from yolov5.utils.loss import ComputeLoss
+    from yolo_qwt.synth import V5_HYP, V5_IMAGE_STAGE, V5DetectionLoss, teacher_detections
+    det = load_detector("yolov5n.yaml", nc=4)
+    model = det.model
+    x = init_images([0, 1], 64, seed=0).requires_grad_(True)
+    labels = seed_labels([0, 1], 4, 0)
+    ours = V5DetectionLoss(model, 64)(model(x), labels)
+    model.hyp = {**V5_HYP, "obj": V5_HYP["obj"] * (64 / 640) ** 2}
+    targets = torch.cat([torch.tensor([[0.0]]), labels[0]], 1), torch.cat([torch.tensor([[1.0]]), labels[1]], 1)
+    ref, _ = ComputeLoss(model)(model(x)[1], torch.cat(targets))
+    torch.testing.assert_close(ours, ref.sum())
+    (g,) = torch.autograd.grad(ours, x)
+    assert g.abs().sum() > 0
+    dets = teacher_detections(model, x.detach())
+    assert len(dets) == 2 and all(d.shape[1] == 6 for d in dets)
+    stage = V5_IMAGE_STAGE.scaled(10, imgsz=64, batch=2)
+    r = synthesize_batch(model, labels, stage, init_images([0, 1], 64, seed=0))
+    assert r.history[-1]["total"] < r.history[0]["total"]
+    assert r.images.min() >= 0 and r.images.max() <= 1             # clipped, as YOLOv5's generator

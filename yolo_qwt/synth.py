@@ -1,4 +1,4 @@
-"""Stage I: synthetic calibration images from the FP detector alone (Ultralytics family).
+"""Stage I: synthetic calibration images from the FP detector alone (YOLO11 / Ultralytics, YOLOv5).
 
 The zero-shot QAT paper's YOLO11 generator (DFQ-YOLO §2.1), on ``qwt_core.inversion`` (Adam on
 the pixels, BatchNorm-statistics prior, total variation) and ``qwt_core.synth_io`` (resumable
@@ -24,6 +24,10 @@ shards, sha256 manifest, teacher hash):
 Published weights: :data:`LABEL_STAGE` (``genlabel.json``), :data:`IMAGE_STAGE`
 (``relabel-syn.json``), :data:`REAL_LABEL_STAGE` (``true_label.json``). :meth:`SynthStage.scaled`
 shortens a stage keeping its relabel schedule in proportion (CPU benchmark and tests).
+
+The original YOLOv5 uses its own generator's settings (:data:`V5_LABEL_STAGE`,
+:data:`V5_IMAGE_STAGE`: YOLOv5 ``ComputeLoss``, pixels clipped to [0, 1], checks every 50
+iterations); its optional augmentations (random erasing, jitter, flips) are not implemented.
 """
 from __future__ import annotations
 
@@ -41,7 +45,8 @@ from qwt_core.synth_io import SynthManifest, SynthSetError, load_synthetic_set
 
 from .models import Detector, ModelSpecError, load_detector
 
-__all__ = ["SynthStage", "SamplerRules", "LABEL_STAGE", "IMAGE_STAGE", "REAL_LABEL_STAGE", "seed_labels",
+__all__ = ["SynthStage", "SamplerRules", "LABEL_STAGE", "IMAGE_STAGE", "REAL_LABEL_STAGE", "V5_LABEL_STAGE",
+           "V5_IMAGE_STAGE", "V5_HYP", "V5DetectionLoss", "detection_loss", "is_yolov5", "seed_labels",
            "relabel", "box_iou", "DetectionLoss", "teacher_detections", "init_images", "synthesize_batch",
            "synthesize", "load_images", "SynthSetError", "main"]
 
@@ -65,6 +70,7 @@ class SynthStage:
     relabel_every: int = 100
     relabel_start: int = 800
     relabel_stop: int = 2800
+    clip: bool = False                 # clamp pixels to [0, 1] after every step (the YOLOv5 generator)
 
     def scaled(self, iterations: int, imgsz: Optional[int] = None, batch: Optional[int] = None) -> "SynthStage":
         """The same stage with ``iterations`` steps, relabel / best-image checks in proportion."""
@@ -88,6 +94,16 @@ LABEL_STAGE = SynthStage(0.5, 0.05, 5.0, 0.002, imgsz=160, batch=512, sample_lab
 IMAGE_STAGE = SynthStage(0.5, 0.05, 5.0, 0.002, imgsz=640, batch=32)
 #: true_label.json (real COCO labels)
 REAL_LABEL_STAGE = SynthStage(0.001, 0.001, 1.0, 5e-5, imgsz=640, batch=32)
+#: the original YOLOv5's generator (distill_image.py, README values): main 0.5, r_feature 0.01,
+#: first_bn_coef 2.0, tv_l2 5e-4, 2500 iterations, pixels clipped, verifier / sampler period 50;
+#: label stage at 160 px, batch 64, box sampler from iteration 800 to the end
+V5_LABEL_STAGE = SynthStage(0.5, 0.01, 2.0, 5e-4, imgsz=160, batch=64, iterations=2500, sample_labels=True,
+                            save_every=50, relabel_every=50, relabel_start=800, relabel_stop=2800, clip=True)
+V5_IMAGE_STAGE = SynthStage(0.5, 0.01, 2.0, 5e-4, imgsz=640, batch=32, iterations=2500, save_every=50,
+                            relabel_every=50, clip=True)
+#: YOLOv5 ComputeLoss gains (hyp.distill.yaml); ``obj`` is scaled by (imgsz / 640)² once
+V5_HYP: dict[str, float] = {"box": 0.05, "obj": 1.0, "cls": 0.5, "cls_pw": 1.0, "obj_pw": 1.0, "fl_gamma": 0.0,
+                            "anchor_t": 4.0, "label_smoothing": 0.0}
 
 
 @dataclass(frozen=True)
@@ -191,6 +207,35 @@ class DetectionLoss:
         return loss.sum()
 
 
+def is_yolov5(model: nn.Module) -> bool:
+    """True for the original YOLOv5 ``DetectionModel`` (the ``yolov5`` package)."""
+    return type(model).__module__.split(".")[0] in ("yolov5", "models")
+
+
+class V5DetectionLoss:
+    """The original YOLOv5's ``ComputeLoss`` (gains :data:`V5_HYP`, ``obj`` × (imgsz/640)² once; the
+    published generator scales it twice at 160 px, a pitfall not copied), × batch size."""
+
+    def __init__(self, model: nn.Module, imgsz: int) -> None:
+        from yolov5.utils.loss import ComputeLoss
+        hyp = dict(V5_HYP)
+        hyp["obj"] *= (imgsz / 640) ** 2
+        view = types.SimpleNamespace(hyp=hyp, model=model.model, parameters=model.parameters)
+        self.criterion = ComputeLoss(view)
+
+    def __call__(self, preds: Any, labels: Sequence[Labels]) -> torch.Tensor:
+        raw = preds[1] if isinstance(preds, tuple) else preds
+        dev = raw[0].device
+        targets = torch.cat([torch.cat([torch.full((len(t), 1), float(i)), t], dim=1) for i, t in enumerate(labels)])
+        loss, _ = self.criterion(list(raw), targets.to(dev))
+        return loss.sum()
+
+
+def detection_loss(model: nn.Module, imgsz: int):
+    """The family's detection loss: :class:`DetectionLoss` (Ultralytics) or :class:`V5DetectionLoss`."""
+    return V5DetectionLoss(model, imgsz) if is_yolov5(model) else DetectionLoss(model)
+
+
 @torch.no_grad()
 def teacher_detections(model: nn.Module, x: torch.Tensor, rules: SamplerRules = SamplerRules()) -> list[torch.Tensor]:
     """The teacher's detections on ``x`` ``(B, 3, S, S)``: per image ``(k, 6)`` normalised xyxy
@@ -198,6 +243,8 @@ def teacher_detections(model: nn.Module, x: torch.Tensor, rules: SamplerRules = 
     from ultralytics.utils.nms import non_max_suppression
     out = model(x)
     pred = out[0] if isinstance(out, (tuple, list)) else out
+    if is_yolov5(model):       # (B, A, 5 + nc) → Ultralytics' (B, 4 + nc, A), scores obj·p(class)
+        pred = torch.cat([pred[..., :4], pred[..., 5:] * pred[..., 4:5]], dim=-1).transpose(1, 2)
     dets = non_max_suppression(pred, rules.nms_conf, rules.nms_iou, multi_label=False, max_det=rules.max_det)
     side = float(x.shape[-1])
     res = []
@@ -233,7 +280,7 @@ def synthesize_batch(model: nn.Module, labels: Sequence[Labels], stage: SynthSta
     """Optimise ``x0`` ``(B, 3, S, S)`` against the frozen FP ``model`` (eval mode) for ``labels``."""
     model.eval()
     x0 = x0.to(next(model.parameters()).device)
-    loss_fn = DetectionLoss(model)
+    loss_fn = detection_loss(model, int(x0.shape[-1]))
     prior = BNStatsPrior(model)
     state: dict[str, Any] = {"labels": [t.clone() for t in labels], "best": None, "best_loss": math.inf,
                              "best_it": -1}
@@ -250,9 +297,11 @@ def synthesize_batch(model: nn.Module, labels: Sequence[Labels], stage: SynthSta
         return {"det": stage.det_weight * det, "first_bn": stage.first_bn_weight * prior.terms[0]}
 
     cfg = InversionConfig(iterations=stage.iterations, lr=stage.lr, betas=(0.9, 0.999), eps=1e-8, warmup=0,
-                          task_weight=1.0, bn_weight=stage.bn_weight, tv_weight=stage.tv_weight, clamp=False)
+                          task_weight=1.0, bn_weight=stage.bn_weight, tv_weight=stage.tv_weight,
+                          clamp=stage.clip)
+    bounds = (torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)) if stage.clip else None
     try:
-        res = invert(x0, task_loss, cfg, priors=[prior], progress=progress, desc="synthesis")
+        res = invert(x0, task_loss, cfg, priors=[prior], bounds=bounds, progress=progress, desc="synthesis")
     finally:
         prior.remove()
     images = state["best"] if state["best"] is not None else res.images
@@ -297,9 +346,6 @@ def synthesize(det: Detector, out_dir: str, num_images: int, label_stage: SynthS
     :func:`load_images`). Several processes (``rank`` / ``world_size``, ``barrier`` = the process
     group's barrier) each make their share of whole batches; every image comes from its own seed,
     so the set equals a one-process run."""
-    if det.family != "ultralytics":
-        raise ModelSpecError("synthesis needs an Ultralytics model (v8 detection loss); the original "
-                             "YOLOv5 (ComputeLoss) is not covered")
     model = det.model
     nc = int(model.model[-1].nc)
     teacher = _teacher_id(det)
@@ -366,15 +412,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--num-images", type=int, default=2048)
     p.add_argument("--imgsz", type=int, default=IMAGE_STAGE.imgsz)
     p.add_argument("--batch", type=int, default=IMAGE_STAGE.batch)
-    p.add_argument("--iterations", type=int, default=IMAGE_STAGE.iterations)
+    p.add_argument("--iterations", type=int, default=None, help="image stage (published: 3000, YOLOv5 2500)")
     p.add_argument("--label-imgsz", type=int, default=LABEL_STAGE.imgsz)
-    p.add_argument("--label-batch", type=int, default=LABEL_STAGE.batch)
-    p.add_argument("--label-iterations", type=int, default=LABEL_STAGE.iterations)
+    p.add_argument("--label-batch", type=int, default=None, help="label stage (published: 512, YOLOv5 64)")
+    p.add_argument("--label-iterations", type=int, default=None, help="label stage (published: 3000, YOLOv5 2500)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     for name in ("num_images", "imgsz", "batch", "iterations", "label_imgsz", "label_batch", "label_iterations"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
     from qwt_core.distributed import destroy_distributed, init_distributed_from_env
@@ -382,8 +428,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     torch.manual_seed(args.seed)       # a .yaml model gets the same random init on every rank
     try:
         det = load_detector(args.model, nc=args.nc)
-        if det.family != "ultralytics":
-            raise ModelSpecError(f"--model {args.model!r}: synthesis needs an Ultralytics model")
     except ModelSpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -393,10 +437,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if world > 1:
         import torch.distributed as dist
         barrier = dist.barrier
+    lab, img = (V5_LABEL_STAGE, V5_IMAGE_STAGE) if det.family == "yolov5" else (LABEL_STAGE, IMAGE_STAGE)
     try:
         folder = synthesize(det, args.out, args.num_images,
-                            LABEL_STAGE.scaled(args.label_iterations, args.label_imgsz, args.label_batch),
-                            IMAGE_STAGE.scaled(args.iterations, args.imgsz, args.batch), seed=args.seed,
+                            lab.scaled(args.label_iterations or lab.iterations, args.label_imgsz, args.label_batch),
+                            img.scaled(args.iterations or img.iterations, args.imgsz, args.batch), seed=args.seed,
                             rank=rank, world_size=world, progress=rank == 0, barrier=barrier)
     finally:
         destroy_distributed()
