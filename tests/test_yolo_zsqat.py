@@ -128,3 +128,26 @@ def test_frozen_bn_keeps_the_running_statistics(tmp_path):
     assert not torch.equal(det.model.model[2].cv1.bn.weight, teacher.model[2].cv1.bn.weight)  # affine trained
     with pytest.raises(ValueError):
         ZsqatConfig(bn="folded")
+
+
+@pytest.mark.skipif(not __import__("yolo_qwt.models", fromlist=["x"]).yolov5_available(),
+                    reason="original YOLOv5 model code not installed")
+def test_yolov5_qat_steps_and_levels(tmp_path):
+    from yolo_qwt.zsqat import V5_ZSQAT
+    det = load_detector("yolov5n.yaml", nc=4)
+    teacher = copy.deepcopy(det.model)
+    t_state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    x, labels = _data(8)
+    with torch.no_grad():
+        raw = det.model.train()(x[:2])
+        levels = head_levels(raw)
+        assert [lv.shape[1] for lv in levels] == [t[0].numel() for t in raw]
+        assert [lv.shape for lv in head_levels(teacher.eval()(x[:2]))] == [lv.shape for lv in levels]
+    det.model.eval()
+    cfg = ZsqatConfig(**{**V5_ZSQAT.to_dict(), "w_bits": 4, "a_bits": 8, "epochs": 3, "batch": 4, "lr": 1e-3,
+                         "warmup_iters": 1, "ema_tau": 1, "betas": (0.9, 0.999)})
+    res = train(det, teacher, x, labels, cfg, str(tmp_path / "qat"), progress=False)
+    h = res["history"]
+    assert sum(r["kl"] + r["mse"] for r in h[-2:]) < sum(r["kl"] + r["mse"] for r in h[:2])
+    assert all(torch.equal(t_state[k], v) for k, v in teacher.state_dict().items())
+    assert sum(isinstance(m, LSQQuantizer) for m in det.model.modules()) == 2 * 56

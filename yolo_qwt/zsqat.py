@@ -29,7 +29,7 @@ import math
 import os
 import time
 import types
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Optional, Sequence
 
 import torch
@@ -42,7 +42,7 @@ from qwt_core.quantize import quantize_layers
 
 from .models import Detector
 from .quant import _no_fuse, placement_rule
-from .synth import DetectionLoss, Labels
+from .synth import Labels, detection_loss
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,11 @@ class ZsqatConfig:
         return asdict(self)
 
 
+#: the original YOLOv5's published stage II (datafree_qat_ckpt.py): 0.04·L_det + 0.1·KL + 1.0·MSE,
+#: Adam lr 1e-4 with beta1 0.9
+V5_ZSQAT = ZsqatConfig(lr=1e-4, betas=(0.9, 0.999), det_weight=0.04)
+
+
 def quantize_lsq(det: Detector, cfg: ZsqatConfig) -> list[str]:
     """The student, in place: LSQ fake-quant convs at the paper's placement, BatchNorm unfolded."""
     model = det.model
@@ -112,11 +117,18 @@ def mse_layer_names(model: nn.Module) -> list[str]:
 
 
 def head_levels(out: Any) -> list[torch.Tensor]:
-    """Per pyramid level, the head's raw logits flattened per image: ``(B, (4·reg_max + nc)·H_i·W_i)``.
+    """Per pyramid level, the head's raw logits flattened per image: ``(B, (4·reg_max + nc)·H_i·W_i)``
+    (Ultralytics), ``(B, anchors·H_i·W_i·(5 + nc))`` (original YOLOv5: box, objectness and class
+    logits of every anchor in one vector, as its published KD does).
 
-    ``out``: the Detect output, the training dict ``{boxes (B, 4·reg_max, A), scores (B, nc, A),
-    feats}`` or the eval tuple ``(decoded, that dict)``."""
-    d = out[1] if isinstance(out, (tuple, list)) else out
+    ``out``: the Detect output: Ultralytics' training dict ``{boxes (B, 4·reg_max, A), scores
+    (B, nc, A), feats}`` or eval tuple ``(decoded, that dict)``; YOLOv5's training list of
+    ``(B, anchors, H_i, W_i, 5 + nc)`` maps or eval tuple ``(decoded, that list)``."""
+    if isinstance(out, tuple) and len(out) == 2 and not isinstance(out[0], list):
+        out = out[1]
+    if isinstance(out, (list, tuple)):          # YOLOv5 raw maps
+        return [t.reshape(t.shape[0], -1) for t in out]
+    d = out
     raw = torch.cat([d["boxes"], d["scores"]], dim=1)
     levels, a0 = [], 0
     for f in d["feats"]:
@@ -145,9 +157,12 @@ class YoloDistiller:
         # qwt_core.distill.kl_distill averages over the list: × levels gives the published sum
         self.kd = Distiller(student, teacher, mse_layer_names(teacher), logits_fn=head_levels,
                             tau=cfg.tau, w_kl=1.0, w_mse=1.0, forward=forward)
-        self.det = DetectionLoss(student)
+        self.student = student
+        self.det: Optional[Any] = None
 
     def __call__(self, images: torch.Tensor, labels: Sequence[Labels]) -> dict[str, torch.Tensor]:
+        if self.det is None:           # YOLOv5's objectness gain depends on the image size
+            self.det = detection_loss(self.student, int(images.shape[-1]))
         terms = self.kd(images)
         kl = terms["kl"] * self.n_levels
         det = self.det(self._out.pop("student"), labels)
@@ -304,7 +319,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--a-bits", type=int, default=8)
     p.add_argument("--epochs", type=int, default=ZsqatConfig.epochs)
     p.add_argument("--batch", type=int, default=ZsqatConfig.batch)
-    p.add_argument("--lr", type=float, default=ZsqatConfig.lr)
+    p.add_argument("--lr", type=float, default=None, help="default 1e-5 (YOLO11), 1e-4 (YOLOv5)")
     p.add_argument("--bn", choices=("train", "frozen"), default="train",
                    help="BatchNorm in train mode (the paper) or frozen at the FP running statistics")
     p.add_argument("--imgsz", type=int, default=640, help="evaluation size")
@@ -319,14 +334,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         validate_bits(args.a_bits, "a_bits")
         data = check_dataset(args.data)
         det = load_detector(args.model, nc=int(data["nc"]), names=data["names"])
-        if det.family != "ultralytics":
-            raise ModelSpecError(f"--model {args.model!r}: zero-shot QAT needs an Ultralytics model")
         images, labels = synthetic_training_set(args.synthetic, det)
     except (ValueError, ModelSpecError, DatasetError, SynthSetError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
-    cfg = ZsqatConfig(w_bits=args.w_bits, a_bits=args.a_bits, epochs=args.epochs, batch=args.batch, lr=args.lr,
-                      bn=args.bn, seed=args.seed)
+    base = V5_ZSQAT if det.family == "yolov5" else ZsqatConfig()
+    cfg = replace(base, w_bits=args.w_bits, a_bits=args.a_bits, epochs=args.epochs, batch=args.batch,
+                  lr=args.lr if args.lr is not None else base.lr, bn=args.bn, seed=args.seed)
     device = torch.device(args.device)
     det.model.to(device)
     teacher = copy.deepcopy(det.model).eval()
