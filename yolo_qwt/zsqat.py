@@ -1,4 +1,4 @@
-"""Stage II: zero-shot QAT of a YOLO (Ultralytics family) on a synthetic set (DFQ-YOLO §3.1).
+"""Stage II: zero-shot QAT of a YOLO (YOLO11 / Ultralytics, original YOLOv5) on a synthetic set (DFQ-YOLO §3).
 
 * **Student**: the paper's placement (every Conv2d of ``model.model[1:-1]``, stem and Detect FP),
   each quantized conv with per-tensor symmetric signed LSQ steps for its weight and its input
