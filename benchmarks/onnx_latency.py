@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import ROOT, machine_info, results_path  # noqa: F401
+from qwt_core.onnx_check import ort_session
 
 import qwt_core  # noqa: E402
 from qwt_core import export as qx  # noqa: E402
@@ -162,7 +163,7 @@ def measure(runners: dict[str, Any], batch: int, img: int, threads: int, rounds:
                     m(x)
             calls[key] = call
         else:
-            sess = qx._session(r, threads)
+            sess = ort_session(r, threads)
             feed = {sess.get_inputs()[0].name: x.numpy()}
             calls[key] = lambda s=sess, f=feed: s.run(None, f)
     for _ in range(warmup):

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qwt_core.onnx_check import _batches, _ort_run, _session, compare_onnx
+from qwt_core.onnx_check import compare_onnx, iter_batches, ort_run, ort_session
 
 
 # ------------------------------------------------------------- evaluation and latency (task level)
@@ -36,10 +36,10 @@ def evaluate_onnx(path: str, loader, reference: Optional[nn.Module] = None, thre
     from tqdm.auto import tqdm
     if reference is not None:
         return compare_onnx(path, reference, loader, threads, progress, desc="eval ORT + fake-quant")
-    sess = _session(path, threads)
+    sess = ort_session(path, threads)
     c1 = c5 = n = 0
-    for images, labels in tqdm(_batches(loader), desc="eval ORT", disable=not progress, leave=False):
-        logits = torch.from_numpy(_ort_run(sess, images))
+    for images, labels in tqdm(iter_batches(loader), desc="eval ORT", disable=not progress, leave=False):
+        logits = torch.from_numpy(ort_run(sess, images))
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels.cpu()[:, None]
         c1 += int(top[:, 0].sum())
         c5 += int(top.any(1).sum())
@@ -50,7 +50,7 @@ def evaluate_onnx(path: str, loader, reference: Optional[nn.Module] = None, thre
 def ort_latency(path: str, example_input: torch.Tensor, threads: int = 2, warmup: int = 2,
                 repeats: int = 10) -> dict[str, float]:
     """Wall-clock latency of one onnxruntime run on ``example_input`` (seconds: median, min, mean)."""
-    sess = _session(path, threads)
+    sess = ort_session(path, threads)
     x = {sess.get_inputs()[0].name: example_input.detach().cpu().float().numpy()}
     return _time(lambda: sess.run(None, x), warmup, repeats)
 

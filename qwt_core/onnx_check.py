@@ -107,7 +107,8 @@ def has_vnni(flags: Optional[set[str]] = None) -> bool:
     return bool((cpu_flags() if flags is None else flags) & set(VNNI_FLAGS))
 
 
-def _session(path: str, threads: int = 2, optimized_path: Optional[str] = None):
+def ort_session(path: str, threads: int = 2, optimized_path: Optional[str] = None) -> Any:
+    """An onnxruntime CPU session with every graph optimisation on, ``threads`` intra-op threads."""
     try:
         import onnxruntime as ort
     except ImportError as exc:
@@ -135,7 +136,7 @@ def integer_op_report(path: str, plans: Optional[Sequence[Any]] = None, threads:
     import onnx
     with tempfile.TemporaryDirectory() as tmp:
         opt = optimized_path or os.path.join(tmp, "optimized.onnx")
-        _session(path, threads, opt)
+        ort_session(path, threads, opt)
         g = _Graph(onnx.load(opt))
     counts = Counter(n.op_type for n in g.g.node)
     integer = {k: v for k, v in counts.items() if k in INTEGER_OPS}
@@ -162,12 +163,14 @@ def integer_op_report(path: str, plans: Optional[Sequence[Any]] = None, threads:
             "all_ops": dict(counts)}
 
 
-def _ort_run(sess, x: torch.Tensor) -> np.ndarray:
+def ort_run(sess: Any, x: torch.Tensor) -> np.ndarray:
+    """The session's first output for the images ``x`` ``(B, 3, H, W)``."""
     name = sess.get_inputs()[0].name
     return sess.run(None, {name: x.detach().cpu().float().numpy()})[0]
 
 
-def _batches(data) -> Iterable[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+def iter_batches(data: Any) -> Iterable[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """``(images, labels or None)`` from a tensor or an iterable of images / ``(images, labels)``."""
     if isinstance(data, torch.Tensor):
         yield data, None
         return
@@ -196,14 +199,14 @@ def compare_onnx(path: str, reference: nn.Module, data, threads: int = 2, progre
     labels are given, ``top1_onnx`` / ``top5_onnx`` / ``top1_reference`` / ``top5_reference`` (%).
     """
     from tqdm.auto import tqdm
-    sess = _session(path, threads)
+    sess = ort_session(path, threads)
     reference = reference.eval()
     device = next(reference.parameters()).device
     n = same = labelled = 0
     hits = {"top1_onnx": 0, "top5_onnx": 0, "top1_reference": 0, "top5_reference": 0}
     rel_max = rel_sum = 0.0
-    for images, labels in tqdm(_batches(data), desc=desc, disable=not progress, leave=False):
-        lo = torch.from_numpy(_ort_run(sess, images)).double()
+    for images, labels in tqdm(iter_batches(data), desc=desc, disable=not progress, leave=False):
+        lo = torch.from_numpy(ort_run(sess, images)).double()
         lr = _logits(reference(images.to(device))).detach().cpu().double()
         rel = (lo - lr).abs().amax(1) / lr.abs().amax(1).clamp_min(1e-12)
         rel_max = max(rel_max, float(rel.max()))
