@@ -149,7 +149,9 @@ def synthetic_rows(args: argparse.Namespace, base, val, bn: str) -> dict[str, An
 
     lab = LABEL_STAGE.scaled(args.synth_label_iterations, args.synth_label_imgsz, args.synth_batch)
     img = IMAGE_STAGE.scaled(args.synth_iterations, args.imgsz, args.synth_batch)
-    out = os.path.join(args.out, f"synth_{args.synthetic_images}_{lab.iterations}_{img.iterations}")
+    import hashlib
+    tag = hashlib.sha256(json.dumps([lab.to_dict(), img.to_dict()], sort_keys=True).encode()).hexdigest()[:8]
+    out = os.path.join(args.out, f"synth_{args.synthetic_images}_{tag}")   # a new folder per setting
     ts = time.perf_counter()
     folder = synthesize(copy.deepcopy(base), out, args.synthetic_images, lab, img, seed=args.seed)
     wall = time.perf_counter() - ts
