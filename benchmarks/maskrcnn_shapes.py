@@ -137,6 +137,26 @@ def train(args: argparse.Namespace, ckpt: str) -> dict[str, Any]:
     return {"seconds": time.perf_counter() - t0, "history": history}
 
 
+#: rows of the figure (every row is in the JSON): key in ``settings[...]["ap"]`` -> legend label
+PLOT_METHODS = {"ptq": "PTQ", "qwt": "+QwT", "qwt_holdout": "+QwT held-out", "qwt_synth": "+QwT synthetic",
+                "zsqat": "ZS-QAT"}
+
+
+def write_png(summary: dict[str, Any], png: str) -> str:
+    """Box AP bars per bit width (FP, PTQ, + QwT with both gates, + QwT on synthetic images, zero-shot
+    QAT) from the summary written as JSON."""
+    from qwt_core.plotting import plot_accuracy
+
+    rows = [{"setting": "FP32", "method": "FP", "top1": summary["fp"]["ap"]["bbox"]}]
+    for name, entry in summary["settings"].items():
+        for k, label in PLOT_METHODS.items():
+            if k in entry["ap"]:
+                rows.append({"setting": name, "method": label, "top1": entry["ap"][k]["bbox"]})
+    size = summary["config"]["size"]
+    return plot_accuracy(rows, png, f"Mask R-CNN R50-FPN on shapes ({size} px), paper layer set",
+                         ylabel="box AP (%)")
+
+
 def config_key(args: argparse.Namespace) -> str:
     cfg = {k: getattr(args, k) for k in ("size", "train_images", "iters", "batch", "lr", "seed", "threads")}
     return hashlib.sha1(json.dumps({**cfg, **model_kwargs(args.size)}, sort_keys=True).encode()).hexdigest()[:12]
@@ -170,8 +190,6 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     from det_torchvision.data import CocoImages, calibration_batches, list_calibration_images
     from det_torchvision.evaluate import ap_percent, evaluate_coco
     from det_torchvision.model import load_maskrcnn
-    from qwt_core.plotting import plot_accuracy
-
     work = Path(args.work_dir)
     coco = work / "coco"
     key = config_key(args)
@@ -187,7 +205,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         training = {"reused": False, **train(args, ckpt)}
         (work / f"train_{key}.json").write_text(json.dumps(training))
     elif (work / f"train_{key}.json").is_file():
-        training = {"reused": True, **json.loads((work / f"train_{key}.json").read_text())}
+        training = {**json.loads((work / f"train_{key}.json").read_text()), "reused": True}
 
     val = CocoImages(str(coco), "val2017")
     fp, info = load_maskrcnn(ckpt)
@@ -214,7 +232,6 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                       "batch": args.synth_batch, "folder": sdir, "complete": man.complete}
         real_small = list(calibration_batches(paths[:args.synth_images], 32, args.size))
 
-    rows: list[dict[str, Any]] = []
     settings: dict[str, Any] = {}
     for w, a in SETTINGS:
         name = f"W{w}A{a}"
@@ -271,16 +288,6 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         settings[name] = entry
         print(name, json.dumps(entry["ap"]))
     fp_ap = ap_percent(fp_metrics)
-    methods = {"ptq": "Percentile PTQ", "qwt": "+ QwT (in-sample gate)", "qwt_holdout": "+ QwT (held-out gate)",
-               "qwt_fpn": "+ QwT trunk + FPN"}
-    if args.synthetic:
-        methods.update({"ptq_synth": "PTQ, synthetic calib.", "qwt_synth": "+ QwT, synthetic calib."})
-        if args.zsqat_epochs > 0:
-            methods["zsqat"] = "zero-shot QAT (LSQ)"
-    rows.append({"setting": "FP32", "method": "FP", "top1": fp_ap["bbox"]})
-    for name, entry in settings.items():
-        for k, label in methods.items():
-            rows.append({"setting": name, "method": label, "top1": entry["ap"][k]["bbox"]})
     out = Path(args.output)
     png = str(out.with_suffix(".png"))
     summary = {
@@ -296,8 +303,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2))
-    plot_accuracy(rows, png, f"Mask R-CNN R50-FPN on shapes ({args.size} px): box AP, paper layer set",
-                  ylabel="box AP (%)")
+    write_png(summary, png)
     print(f"FP {fp_ap}; results written to {out} and {png}")
     return summary
 
