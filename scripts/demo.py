@@ -40,7 +40,7 @@ if ROOT not in sys.path:
 from cls_repq_vit.digits import (CALIB_SIZE, DEFAULT_BITS, DEFAULT_SEEDS, FIGURE, IMG_SIZE,  # noqa: E402,F401
                                  METHODS, MODEL_KWARGS, MODEL_NAME, OUT, REPQ_CALIB_SIZE, RESULTS_JSON,
                                  SHIPPED_MODELS, SPLIT_SEED, THREADS, TRAIN, _tensors, data_dir,
-                                 deterministic, mean_std, parse_bits, prepare_model, shipped_model,
+                                 deterministic, is_cached, mean_std, parse_bits, prepare_model, shipped_model,
                                  train_demo_model, write_digits_imagefolder)
 
 

@@ -141,4 +141,4 @@ def test_shipped_models_match_the_default_recipe():
     """The models in scripts/demo_models are used only if their recorded recipe is the default one:
     a change of TRAIN or MODEL_KWARGS without retraining them would silently make `make demo` train."""
     for seed in demo.DEFAULT_SEEDS:
-        assert demo._cached(demo.shipped_model(seed), seed, demo.TRAIN), seed
+        assert demo.is_cached(demo.shipped_model(seed), seed, demo.TRAIN), seed
