@@ -487,3 +487,29 @@ def test_zsqat_two_gloo_processes_follow_one(checkpoint, coco, synth_set, tmp_pa
     steps_b = torch.stack([v for k, v in b["model"].items() if k.endswith("input_quantizer.step")])
     torch.testing.assert_close(steps_b, steps_a, rtol=1e-4, atol=0)
     assert json.loads((two / "results.json").read_text())["world_size"] == 2
+
+
+def test_ptq_qwt_two_gloo_processes_match_one(checkpoint, coco, tmp_path):
+    """torchrun: the QwT moments of the two calibration shards are all-reduced and the evaluation is
+    sharded and merged; the per-block fits and the AP follow the single-process run."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    common = ["-m", "det_torchvision.ptq", "--checkpoint", checkpoint, "--coco-root", coco, "--w_bits", "4",
+              "--a_bits", "4", "--qwt", "--skip-fp", "--calib_size", "8", "--calib_batch", "4", "--qwt-batch", "4",
+              "--device", "cpu", "--threads", "1"]
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    r1 = subprocess.run([sys.executable, *common, "--output", str(one)], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+    assert r1.returncode == 0, r1.stderr[-2000:]
+    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                         "--master_port", "29523", *common, "--launcher", "pytorch", "--output", str(two)],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert b["world_size"] == 2
+    ba, bb = a["qwt_report"]["blocks"], b["qwt_report"]["blocks"]
+    assert [x["applied"] for x in ba] == [x["applied"] for x in bb]
+    assert [x["rows"] for x in ba] == [x["rows"] for x in bb]
+    assert [x["r2"] for x in ba] == pytest.approx([x["r2"] for x in bb], rel=1e-3, abs=1e-4)
+    assert a["results"]["ptq"] == b["results"]["ptq"]
+    for k, v in a["results"]["qwt"].items():
+        assert b["results"]["qwt"][k] == pytest.approx(v, abs=2e-3), k
