@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -135,7 +134,7 @@ def coco_labels(coco_root: str, split: str, size: int, seed: int = 0, flip: bool
 def synthesize(model: nn.Module, labels: Sequence[dict[str, Any]], out_dir: str, size: int,
                config: InversionConfig, batch_size: int, seed: int = 0, checkpoint: Optional[str] = None,
                arch: str = "maskrcnn_resnet50_fpn", rank: int = 0, world_size: int = 1,
-               progress: bool = True) -> SynthManifest:
+               progress: bool = True, barrier: Optional[Callable[[], None]] = None) -> SynthManifest:
     """Write a synthetic set of ``len(labels)`` images (``size × size``) to ``out_dir``; resumable.
 
     Args:
@@ -145,6 +144,8 @@ def synthesize(model: nn.Module, labels: Sequence[dict[str, Any]], out_dir: str,
         batch_size: images per generation batch (32 in DFQ's README).
         checkpoint: the teacher's file (its sha256 goes into the manifest).
         rank, world_size: this process's share of the batches (``synthesize_batches``).
+        barrier: waits for every rank (e.g. ``torch.distributed.barrier``) before rank 0 writes the
+            final manifest; None in a single process.
     Returns:
         The manifest (complete on rank 0 once every rank is done).
     """
@@ -175,7 +176,8 @@ def synthesize(model: nn.Module, labels: Sequence[dict[str, Any]], out_dir: str,
                  "final_loss": res.history[-1]} for i in idx]
         return res.images, targets, meta
 
-    return synthesize_batches(out_dir, manifest, make_batch, rank=rank, world_size=world_size, progress=progress)
+    return synthesize_batches(out_dir, manifest, make_batch, rank=rank, world_size=world_size, progress=progress,
+                              barrier=barrier)
 
 
 def synthetic_images(folder: str, n: Optional[int] = None, checkpoint: Optional[str] = None) -> torch.Tensor:

@@ -86,7 +86,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     try:
         manifest = synthesize(model.to(device), labels, args.synth_dir, size, dfq_resnet_config(iterations=args.iterations),
                               args.batch, args.seed, checkpoint=args.checkpoint, arch=info["arch"],
-                              rank=get_rank(), world_size=get_world_size())
+                              rank=get_rank(), world_size=get_world_size(), barrier=barrier)
     except SynthSetError as err:
         fail(str(err))
     if get_rank() == 0:

@@ -513,3 +513,25 @@ def test_ptq_qwt_two_gloo_processes_match_one(checkpoint, coco, tmp_path):
     assert a["results"]["ptq"] == b["results"]["ptq"]
     for k, v in a["results"]["qwt"].items():
         assert b["results"]["qwt"][k] == pytest.approx(v, abs=2e-3), k
+
+
+def test_synthesize_cli_two_gloo_processes_equal_one(checkpoint, coco, tmp_path):
+    """Batches split over two ranks (rank 0 waits for rank 1 before the final manifest): the same
+    complete set, image for image, as one process."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    common = ["-m", "det_torchvision.synthesize", "--checkpoint", checkpoint, "--coco-root", coco,
+              "--num-images", "4", "--batch", "2", "--iterations", "1", "--device", "cpu", "--threads", "1"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    r1 = subprocess.run([sys.executable, *common, "--synth-dir", str(one)], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+    assert r1.returncode == 0, r1.stderr[-2000:]
+    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                         "--master_port", "29527", *common, "--launcher", "pytorch", "--synth-dir", str(two)],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    a, b = load_synthetic_set(one), load_synthetic_set(two)
+    assert a.manifest.complete and b.manifest.complete and len(a) == len(b) == 4
+    assert {s["file"][:9] for s in b.manifest.shards} == {"synth_r00", "synth_r01"}
+    torch.testing.assert_close(b.images(), a.images(), rtol=1e-4, atol=1e-5)
+    for x, y in zip(a, b):
+        assert torch.equal(x["target"]["bboxes"], y["target"]["bboxes"])
