@@ -46,9 +46,9 @@ def calibrate_detector(qm: QuantizedModel, images: torch.Tensor) -> None:
     """Percentile calibration: every quantizer initialises in one detector forward of ``images``
     (``(B, 3, H, W)`` in [0, 1]; 32 images in the published recipe). The only call of the library's
     calibration in this package."""
-    from qwt_core.pipeline import calibrate_repq
+    import qwt_core
 
-    calibrate_repq(qm, {"images": list(images)})
+    qwt_core.calibrate(qm, {"images": list(images)})
 
 
 @torch.no_grad()

@@ -75,7 +75,7 @@ def _is_resnet(m: nn.Module) -> bool:
 
 
 def _builtin_adapters() -> None:
-    from .adapters import hf, mmdet_swin, open_clip, timm_resnet, timm_swin, timm_vit
+    from .adapters import hf, mmdet_swin, open_clip, timm_resnet, timm_swin, timm_vit, torchvision_rcnn
 
     register_adapter("timm_vit", lambda m, c: timm_vit.quantize_timm_vit(m, c.w_bits, c.a_bits),
                      lambda m: _module_of(m).startswith("timm.") and hasattr(m, "blocks")
@@ -97,6 +97,12 @@ def _builtin_adapters() -> None:
     register_adapter("open_clip_text",
                      lambda m, c: open_clip.quantize_open_clip_text(m, c.w_bits, c.a_bits, **c.adapter_options()),
                      None, options=("quant_attn_matmul",), doc="open_clip text tower (give the CLIP model)")
+    register_adapter("torchvision_rcnn",
+                     lambda m, c: torchvision_rcnn.quantize_torchvision_rcnn(m, c.w_bits, c.a_bits,
+                                                                            **c.adapter_options()),
+                     lambda m: _module_of(m).startswith("torchvision.models.detection")
+                     and hasattr(m, "backbone") and hasattr(m, "roi_heads"), options=("act_mode", "recipe"),
+                     doc="torchvision Mask / Faster R-CNN with a ResNet-FPN backbone: the Percentile recipe")
     register_adapter("mmdet_swin",
                      lambda m, c: mmdet_swin.quantize_mmdet_swin_detector(m, c.w_bits, c.a_bits),
                      lambda m: _module_of(m).startswith("mmdet") and hasattr(m, "backbone")

@@ -65,7 +65,15 @@ def test_quantize_picks_the_adapter_by_model_type():
     assert qm.meta["adapter"] == "resnet" and qm.form == "conv" and qm.qwt_config.gate == "insample"
     assert qm.quant_config == QuantConfig(4, 4, act_mode="true")
     assert QuantConfig.from_dict(qm.meta["quant_config"]) == qm.quant_config
-    assert {"timm_vit", "timm_swin", "resnet", "hf", "mmdet_swin"} <= set(qc.list_adapters())
+    assert {"timm_vit", "timm_swin", "resnet", "hf", "mmdet_swin", "torchvision_rcnn"} <= set(qc.list_adapters())
+
+
+def test_quantize_recognises_a_torchvision_mask_rcnn():
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    det = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3).eval()
+    qm = qc.quantize(det, QuantConfig(8, 8))
+    assert qm.meta["adapter"] == "torchvision_rcnn" and qm.form == "conv" and qm.qwt_config.gate == "insample"
 
 
 def test_quantize_errors_leave_the_model_alone():
