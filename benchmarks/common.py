@@ -19,32 +19,27 @@ def results_path(name: str) -> str:
     return os.path.join(RESULTS, name)
 
 
-def _cpuinfo() -> tuple[str, set[str]]:
-    name, flags = platform.processor() or platform.machine(), set()
+def cpu_name() -> str:
+    """The CPU model name (``/proc/cpuinfo``), else what ``platform`` knows."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name") and name in ("", platform.machine(), platform.processor()):
-                    name = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and not flags:
-                    flags = set(line.split(":", 1)[1].split())
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return name, flags
-
-
-def cpu_name() -> str:
-    """The CPU model name (``/proc/cpuinfo``), else what ``platform`` knows."""
-    return _cpuinfo()[0]
+    return platform.processor() or platform.machine()
 
 
 def machine_info(threads: Optional[int] = None) -> dict[str, Any]:
     """CPU model, the integer-kernel flags it has, threads, and the versions that decide the figures."""
     import torch
 
-    name, flags = _cpuinfo()
+    from qwt_core.onnx_check import cpu_flags
+
+    flags = cpu_flags()
     info: dict[str, Any] = {
-        "cpu": name, "cpu_flags": [f for f in CPU_FLAGS if f in flags], "cpu_count": os.cpu_count(),
+        "cpu": cpu_name(), "cpu_flags": [f for f in CPU_FLAGS if f in flags], "cpu_count": os.cpu_count(),
         "threads": threads if threads is not None else torch.get_num_threads(),
         "python": platform.python_version(), "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from qwt_core.distill import BlockOutputRecorder, block_mse, flatten_concat, kl_distill
 from qwt_core.distributed import average_gradients, get_rank, get_world_size, is_dist
-from qwt_core.lsq import LSQQuantizer, learnable_step_parameters
+from qwt_core.lsq import LSQQuantizer, learnable_step_parameters, init_lsq_steps as lsq_init
 from qwt_core.model_io import atomic_torch_save
 from qwt_core.quantize import LayerBits, quantize_layers
 
@@ -116,19 +116,10 @@ def quantize_backbone_lsq(model: nn.Module, w_bits: int, a_bits: int) -> list[st
     return list(layers)
 
 
-@torch.no_grad()
 def init_lsq_steps(model: nn.Module, inputs: torch.Tensor) -> int:
     """Initialise every LSQ step of the backbone from one batch ``(B, 3, H, W)`` (eval-mode
     ``extract_feat``: no drop-path noise). Returns the number of quantizers initialised."""
-    quantizers = [m for m in model.modules() if isinstance(m, LSQQuantizer)]
-    was_training = model.training
-    model.eval()
-    model.extract_feat(inputs)
-    model.train(was_training)
-    missing = [m for m in quantizers if not m.is_inited]
-    if missing:
-        raise RuntimeError(f"{len(missing)} LSQ quantizers saw no data in the initialisation forward")
-    return len(quantizers)
+    return lsq_init(model, lambda: model.extract_feat(inputs))
 
 
 def step_parameters(model: nn.Module) -> list[torch.Tensor]:

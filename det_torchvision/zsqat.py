@@ -51,6 +51,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from qwt_core.distill import BlockOutputRecorder, block_mse, kl_distill  # noqa: E402
 from qwt_core.distributed import average_gradients, get_rank, get_world_size, is_dist  # noqa: E402
 from qwt_core.lsq import LSQQuantizer, learnable_step_parameters, set_data_shards  # noqa: E402
+from qwt_core.lsq import init_lsq_steps as lsq_init  # noqa: E402
 from qwt_core.modules import QuantConv2d  # noqa: E402
 
 CKPT_FORMAT = "det_torchvision-zsqat-v1"
@@ -102,19 +103,10 @@ def quantize_lsq(model: nn.Module, w_bits: int, a_bits: int, layer_set: str = "p
     return names
 
 
-@torch.no_grad()
 def init_lsq_steps(model: nn.Module, x: torch.Tensor) -> int:
     """Initialise every LSQ step from one normalised batch ``(B, 3, H, W)`` (eval-mode backbone
     forward; with ``set_data_shards`` the statistic covers every rank's slice)."""
-    was = model.training
-    model.eval()
-    model.backbone(x)
-    model.train(was)
-    qs = [m for m in model.modules() if isinstance(m, LSQQuantizer)]
-    missing = [m for m in qs if not m.is_inited]
-    if missing:
-        raise RuntimeError(f"{len(missing)} LSQ quantizers saw no data in the initialisation forward")
-    return len(qs)
+    return lsq_init(model, lambda: model.backbone(x))
 
 
 def mse_module_names(model: nn.Module) -> list[str]:

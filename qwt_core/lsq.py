@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -355,3 +355,19 @@ def set_data_shards(model: nn.Module, shards: int) -> int:
             m.data_shards = shards
             count += 1
     return count
+
+
+@torch.no_grad()
+def init_lsq_steps(model: nn.Module, forward: Callable[[], Any]) -> int:
+    """Initialise every :class:`LSQQuantizer` of ``model`` by one eval-mode ``forward()`` (the
+    model's train/eval mode is restored after). Returns the number of LSQ quantizers; raises
+    ``RuntimeError`` if one saw no data."""
+    was = model.training
+    model.eval()
+    forward()
+    model.train(was)
+    qs = [m for m in model.modules() if isinstance(m, LSQQuantizer)]
+    missing = [m for m in qs if not m.is_inited]
+    if missing:
+        raise RuntimeError(f"{len(missing)} LSQ quantizers saw no data in the initialisation forward")
+    return len(qs)

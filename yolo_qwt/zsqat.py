@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from qwt_core.distill import Distiller
-from qwt_core.lsq import LSQQuantizer, learnable_step_parameters
+from qwt_core.lsq import LSQQuantizer, learnable_step_parameters, init_lsq_steps as lsq_init
 from qwt_core.model_io import atomic_torch_save
 from qwt_core.quantize import quantize_layers
 
@@ -96,18 +96,9 @@ def quantize_lsq(det: Detector, cfg: ZsqatConfig) -> list[str]:
     return list(layers)
 
 
-@torch.no_grad()
 def init_lsq_steps(model: nn.Module, images: torch.Tensor) -> int:
     """Initialise every LSQ step from one eval-mode forward of ``images`` ``(B, 3, H, W)``."""
-    was = model.training
-    model.eval()
-    model(images)
-    model.train(was)
-    qs = [m for m in model.modules() if isinstance(m, LSQQuantizer)]
-    missing = [m for m in qs if not m.is_inited]
-    if missing:
-        raise RuntimeError(f"{len(missing)} LSQ quantizers saw no data in the initialisation forward")
-    return len(qs)
+    return lsq_init(model, lambda: model(images))
 
 
 def mse_layer_names(model: nn.Module) -> list[str]:
